@@ -1,0 +1,126 @@
+"""The model card: the one document that passes from training to serving beside ``model.onnx``.
+
+Training writes it, the service validates it at start-up (against the ONNX graph as well) and
+serves it at ``GET /v1/model``.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
+HeatmapMethod = Literal["attention_rollout", "cam"]
+
+
+class InputSpec(BaseModel):
+    """How a decoded grayscale image becomes the model's ``pixel_values``."""
+
+    height: int = Field(gt=0, examples=[224])
+    width: int = Field(gt=0, examples=[224])
+    mean: tuple[float, float, float] = Field(examples=[(0.5, 0.5, 0.5)])
+    std: tuple[float, float, float] = Field(examples=[(0.5, 0.5, 0.5)])
+    interpolation: Interpolation = "bicubic"
+
+    @model_validator(mode="after")
+    def _positive_std(self) -> InputSpec:
+        if any(s <= 0 for s in self.std):
+            raise ValueError("input.std values must be > 0")
+        return self
+
+
+class Threshold(BaseModel):
+    """A probability threshold with what it achieved on the data it was chosen on."""
+
+    threshold: float = Field(ge=0.0, le=1.0)
+    sensitivity: float | None = Field(default=None, ge=0.0, le=1.0)
+    specificity: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+class Thresholds(BaseModel):
+    """Per-label operating points chosen on validation data.
+
+    ``screening`` favours sensitivity (highest threshold whose sensitivity >= target),
+    ``diagnosis`` balances both (Youden's J by default, or F1-max).
+    """
+
+    screening: dict[str, Threshold]
+    diagnosis: dict[str, Threshold]
+    screening_target_sensitivity: float = Field(default=0.95, gt=0.0, le=1.0)
+    diagnosis_method: Literal["youden", "f1"] = "youden"
+    chosen_on: str = "validation"
+
+
+class LabelMetrics(BaseModel):
+    auroc: float | None = Field(default=None, description="None when the label has one class only")
+    auroc_ci_low: float | None = None
+    auroc_ci_high: float | None = None
+    positives: int = Field(ge=0)
+    negatives: int = Field(ge=0)
+
+
+class SplitMetrics(BaseModel):
+    n_images: int = Field(ge=0)
+    mean_auroc: float | None = Field(
+        default=None, description="Macro mean over the 14 pathologies that have both classes"
+    )
+    mean_auroc_ci_low: float | None = None
+    mean_auroc_ci_high: float | None = None
+    per_label: dict[str, LabelMetrics] = Field(default_factory=dict)
+
+
+class TrainingInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    source: str = "NIH ChestX-ray14"
+    split: str | None = None
+    image_counts: dict[str, int] = Field(default_factory=dict)
+    epochs: int | None = None
+    seed: int | None = None
+    commit: str | None = None
+
+
+class ModelCard(BaseModel):
+    """``model_card.json``; see DESIGN.md, "Model folder"."""
+
+    model_config = ConfigDict(protected_namespaces=())
+
+    name: str = Field(examples=["default"])
+    version: str = Field(examples=["0.1.0"])
+    created: datetime
+    architecture: str = Field(examples=["vit-v1"])
+    onnx_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    labels: list[str] = Field(min_length=1)
+    input: InputSpec
+    heatmap_method: HeatmapMethod = "attention_rollout"
+    thresholds: Thresholds
+    metrics: dict[str, SplitMetrics] = Field(default_factory=dict)
+    training: TrainingInfo = Field(default_factory=TrainingInfo)
+    intended_use: str = ""
+    limitations: str = ""
+
+    @model_validator(mode="after")
+    def _thresholds_cover_labels(self) -> ModelCard:
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError("labels must be unique")
+        for kind in ("screening", "diagnosis"):
+            table: dict[str, Threshold] = getattr(self.thresholds, kind)
+            missing = [lbl for lbl in self.labels if lbl not in table]
+            unknown = [lbl for lbl in table if lbl not in self.labels]
+            if missing or unknown:
+                raise ValueError(
+                    f"thresholds.{kind} must name exactly the card's labels "
+                    f"(missing: {missing}, unknown: {unknown})"
+                )
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelCard:
+        return cls.model_validate(json.loads(Path(path).read_text()))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=2) + "\n")

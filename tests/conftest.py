@@ -1,0 +1,31 @@
+"""Shared fixtures. Real data comes from ``CXR_DATA_DIR`` (default ``../shared/data``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("CXR_DATA_DIR", REPO_ROOT.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The shared real-data folder; tests that need it skip on a machine without it."""
+    if not (DATA_DIR / "nih" / "labels.csv").is_file():
+        pytest.skip(f"shared data not found at {DATA_DIR} (set CXR_DATA_DIR)")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def nih_dir(data_dir: Path) -> Path:
+    return data_dir / "nih"
+
+
+@pytest.fixture(scope="session")
+def dicom_dir(data_dir: Path) -> Path:
+    return data_dir / "dicom"
