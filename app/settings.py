@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +46,20 @@ class Settings(BaseSettings):
     audit_db: Path | None = Field(
         Path("audit.sqlite"), description="SQLite audit trail of predictions; empty to disable"
     )
+    drain_delay_s: float = Field(
+        0.0,
+        ge=0.0,
+        description="After SIGTERM, keep answering /readyz and new /predict with 503 at least this "
+        "long before closing the listener, so load balancers stop routing here",
+    )
     log_level: str = Field("INFO")
     log_json: bool = Field(True, description="Structured JSON log lines")
+
+    @field_validator("audit_db", mode="before")
+    @classmethod
+    def _empty_disables_audit(cls, value: object) -> object:
+        """``CXR_AUDIT_DB=`` (empty) turns the audit trail off rather than meaning ``.``."""
+        return None if isinstance(value, str) and not value.strip() else value
 
 
 @lru_cache
