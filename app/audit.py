@@ -150,7 +150,11 @@ _STOP = object()
 
 
 class AuditLog:
-    """Non-blocking, batched SQLite audit writer. ``AuditLog(None)`` records nothing."""
+    """Non-blocking, batched SQLite audit writer. ``AuditLog(None)`` records nothing.
+
+    ``start``/``close`` pair with an app's lifespan and may repeat (tests run several lifespans
+    on one app); entries recorded while closed are dropped and counted.
+    """
 
     def __init__(
         self,
@@ -177,7 +181,7 @@ class AuditLog:
 
     def start(self) -> None:
         """Open (or create) the database and start the writer; errors here stop start-up."""
-        if not self.enabled or self._thread is not None:
+        if not self.enabled or (self._thread is not None and self._thread.is_alive()):
             return
         assert self.path is not None
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -191,6 +195,7 @@ class AuditLog:
         conn.executescript(_SCHEMA)
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         self._conn = conn
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
         logger.info("audit trail open", extra={"audit_db": str(self.path)})
@@ -228,8 +233,10 @@ class AuditLog:
         if self._thread.is_alive():
             logger.error("audit writer did not finish in time", extra={"timeout_s": timeout})
             return
+        self._thread = None
         if self._conn is not None:
             self._conn.close()
+            self._conn = None
         logger.info("audit trail closed", extra={"written": self.written, "dropped": self.dropped})
 
     def _drop(self, reason: str) -> None:

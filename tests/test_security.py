@@ -11,14 +11,17 @@ import asyncio
 import io
 import json
 import logging
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi import Depends, FastAPI, Request
 from fastapi.testclient import TestClient
 
-from app.limits import MIB, DeadlineMiddleware, UploadLimitMiddleware
+from app.limits import MIB, DeadlineMiddleware, Drain, DrainMiddleware, UploadLimitMiddleware
 from app.logs import JsonFormatter, RequestIdMiddleware, configure_logging, is_patient_field
 from app.problems import PROBLEM_MEDIA_TYPE, Problem
 from app.security import (
@@ -338,3 +341,66 @@ def test_uvicorn_access_record_becomes_fields() -> None:
     assert line["method"] == "POST" and line["status"] == 200
     assert line["path"] == "/predict?heatmap=true"
     assert line["message"] == "POST /predict?heatmap=true 200"
+
+
+# ------------------------------------------------------------------------------ draining
+
+
+def _http_scope(path: str = "/predict") -> dict[str, object]:
+    return {"type": "http", "method": "POST", "path": path, "headers": [], "state": {}}
+
+
+def test_sigterm_drains_before_handing_over_to_the_server() -> None:
+    """In-flight work finishes, new work gets 503, then the server's own handler runs."""
+    handed_over: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: handed_over.append(signum))
+
+    async def scenario() -> tuple[list[dict[str, object]], list[dict[str, object]]]:
+        drain = Drain()
+        release = asyncio.Event()
+
+        async def slow_route(scope: object, receive: object, send: Any) -> None:
+            await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"done"})
+
+        async def no_body() -> dict[str, object]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        gate = DrainMiddleware(slow_route, drain)
+        first: list[dict[str, object]] = []
+        later: list[dict[str, object]] = []
+        in_flight = asyncio.create_task(gate(_http_scope(), no_body, _collect(first)))
+        await asyncio.sleep(0.01)
+        assert drain.in_flight == 1
+        undo = drain.install_sigterm(delay_s=0.1, max_wait_s=10.0)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.sleep(0.05)
+            assert drain.draining
+            await gate(_http_scope(), no_body, _collect(later))
+            await asyncio.sleep(0.3)
+            assert handed_over == [], "handed over while a request was still running"
+            release.set()
+            await in_flight
+            await asyncio.sleep(0.1)
+            assert handed_over == [signal.SIGTERM]
+        finally:
+            undo()
+        return first, later
+
+    try:
+        first, later = asyncio.run(scenario())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert first[0]["status"] == 200
+    assert later[0]["status"] == 503
+    assert (b"retry-after", b"5") in later[0]["headers"]  # type: ignore[operator]
+    assert json.loads(later[1]["body"])["type"].endswith("/shutting-down")  # type: ignore[arg-type]
+
+
+def _collect(into: list[dict[str, object]]) -> Any:
+    async def send(message: dict[str, object]) -> None:
+        into.append(message)
+
+    return send
