@@ -29,3 +29,11 @@ def nih_dir(data_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def dicom_dir(data_dir: Path) -> Path:
     return data_dir / "dicom"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small model folder honouring the DESIGN.md contract (real ONNX graph, valid card)."""
+    from tests.model_fixtures import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
