@@ -1,0 +1,219 @@
+"""The micro-batcher with a real ONNX session: batching, latency of a lone request, backpressure,
+failure isolation, cancelled clients and draining on stop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.batcher import BatchResult, InferenceFailed, MicroBatcher, NotAccepting, QueueFull
+from app.metrics import Metrics
+from app.runtime import ModelRuntime
+
+
+@pytest.fixture(scope="module")
+def runtime(tiny_model_dir: Path) -> ModelRuntime:
+    rt = ModelRuntime.load(tiny_model_dir, providers="cpu", intra_op_threads=1)
+    rt.warm_up((1,))
+    return rt
+
+
+def images(n: int, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(3, 48, 64)).astype(np.float32) for _ in range(n)]
+
+
+class Recorder:
+    """Wraps the session's run to record batch sizes, optionally held at a gate."""
+
+    def __init__(self, runtime: ModelRuntime, gate: threading.Event | None = None) -> None:
+        self.runtime = runtime
+        self.gate = gate
+        self.sizes: list[int] = []
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.gate is not None:
+            self.gate.wait(10)
+        self.sizes.append(len(batch))
+        if np.isnan(batch).any():
+            raise ValueError("NaN input")
+        return self.runtime.run(batch)
+
+
+def run_with(batcher: MicroBatcher, body: Callable[[MicroBatcher], Awaitable[object]]) -> object:
+    async def main() -> object:
+        await batcher.start()
+        try:
+            return await body(batcher)
+        finally:
+            await batcher.stop(timeout_s=5)
+
+    return asyncio.run(main())
+
+
+def test_concurrent_submissions_share_runs_and_keep_their_answers(runtime) -> None:
+    rec = Recorder(runtime)
+    metrics = Metrics()
+    batcher = MicroBatcher(rec, max_batch_size=4, max_batch_delay_ms=20, metrics=metrics)
+    xs = images(10)
+
+    async def body(b: MicroBatcher) -> list[BatchResult]:
+        return await asyncio.gather(*(b.submit(x) for x in xs))
+
+    results = run_with(batcher, body)
+    assert sum(rec.sizes) == 10
+    assert max(rec.sizes) == 4
+    assert len(rec.sizes) == 3
+    for x, res in zip(xs, results, strict=True):  # type: ignore[call-overload]
+        logits, heatmap = runtime.run(x[None])
+        np.testing.assert_allclose(res.logits, logits[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(res.heatmap, heatmap[0], rtol=1e-5, atol=1e-5)
+        assert res.batch_size in rec.sizes
+        assert res.inference_ms > 0
+    registry = metrics.registry
+    assert registry.get_sample_value("cxr_batch_size_count") == 3
+    assert registry.get_sample_value("cxr_batch_size_sum") == 10
+    assert registry.get_sample_value("cxr_inference_duration_seconds_count") == 3
+    assert registry.get_sample_value("cxr_queue_depth") == 0
+
+
+def test_a_lone_request_does_not_wait_for_the_batch_delay(runtime) -> None:
+    batcher = MicroBatcher(Recorder(runtime), max_batch_delay_ms=2000)
+
+    async def body(b: MicroBatcher) -> float:
+        start = time.perf_counter()
+        await b.submit(images(1)[0])
+        return time.perf_counter() - start
+
+    assert run_with(batcher, body) < 1.0
+
+
+def test_waits_for_requests_still_decoding(runtime) -> None:
+    """An admitted request that is still decoding is worth waiting for, up to the delay."""
+    rec = Recorder(runtime)
+    batcher = MicroBatcher(rec, max_batch_size=8, max_batch_delay_ms=2000)
+    a, b = images(2)
+
+    async def body(bt: MicroBatcher) -> tuple[BatchResult, BatchResult]:
+        with bt.admit() as first, bt.admit() as second:
+            t1 = asyncio.create_task(first.submit(a))
+            await asyncio.sleep(0.05)  # the second one is "decoding"
+            t2 = asyncio.create_task(second.submit(b))
+            return await t1, await t2
+
+    r1, r2 = run_with(batcher, body)  # type: ignore[misc]
+    assert rec.sizes == [2]
+    assert r1.batch_size == r2.batch_size == 2
+    assert r1.queue_ms >= 40
+
+
+def test_full_backlog_is_503_with_retry_after(runtime) -> None:
+    batcher = MicroBatcher(Recorder(runtime), max_queue_size=2)
+
+    async def body(b: MicroBatcher) -> None:
+        with b.admit(), b.admit():
+            with pytest.raises(QueueFull) as err, b.admit():
+                pass
+            assert err.value.status == 503
+            assert int(err.value.headers["Retry-After"]) >= 1
+        with b.admit():  # slots come back when their requests finish
+            pass
+
+    run_with(batcher, body)
+
+
+def test_a_failing_run_fails_only_its_batch(runtime) -> None:
+    rec = Recorder(runtime)
+    batcher = MicroBatcher(rec, max_batch_size=4, max_batch_delay_ms=0)
+    good, bad = images(2)
+    bad[0, 0, 0] = np.nan
+
+    async def body(b: MicroBatcher) -> BatchResult:
+        with pytest.raises(InferenceFailed) as err:
+            await b.submit(bad)
+        assert err.value.status == 500
+        assert "NaN" not in err.value.detail  # internals stay in the log
+        assert b.accepting
+        return await b.submit(good)
+
+    result = run_with(batcher, body)
+    assert isinstance(result, BatchResult)
+    assert rec.sizes == [1, 1]
+
+
+def test_a_model_returning_wrong_rows_fails_the_batch(runtime) -> None:
+    def short(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, heatmap = runtime.run(batch)
+        return logits[:-1], heatmap[:-1]
+
+    batcher = MicroBatcher(short)
+
+    async def body(b: MicroBatcher) -> None:
+        with pytest.raises(InferenceFailed):
+            await b.submit(images(1)[0])
+
+    run_with(batcher, body)
+
+
+def test_cancelled_requests_do_not_break_the_batch(runtime) -> None:
+    gate = threading.Event()
+    rec = Recorder(runtime, gate)
+    batcher = MicroBatcher(rec, max_batch_size=8, max_batch_delay_ms=0)
+    xa, xb, xc = images(3)
+
+    async def body(b: MicroBatcher) -> tuple[BatchResult, BatchResult]:
+        ta = asyncio.create_task(b.submit(xa))
+        await asyncio.sleep(0.05)  # A is running, held at the gate
+        tb = asyncio.create_task(b.submit(xb))
+        tc = asyncio.create_task(b.submit(xc))
+        await asyncio.sleep(0.01)
+        tb.cancel()  # B's client went away while queued
+        gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await tb
+        return await ta, await tc
+
+    ra, rc = run_with(batcher, body)  # type: ignore[misc]
+    assert rec.sizes == [1, 1]  # B was dropped before its run, C still ran
+    np.testing.assert_allclose(rc.logits, runtime.run(xc[None])[0][0], rtol=1e-5, atol=1e-5)
+    assert ra.batch_size == rc.batch_size == 1
+
+
+def test_stop_drains_admitted_work_then_refuses(runtime) -> None:
+    gate = threading.Event()
+    rec = Recorder(runtime, gate)
+    batcher = MicroBatcher(rec, max_batch_size=2, max_batch_delay_ms=0)
+
+    async def main() -> None:
+        await batcher.start()
+        tasks = [asyncio.create_task(batcher.submit(x)) for x in images(5)]
+        await asyncio.sleep(0.02)
+        stopping = asyncio.create_task(batcher.stop(timeout_s=10))
+        await asyncio.sleep(0.02)
+        assert not batcher.accepting
+        with pytest.raises(NotAccepting):
+            await batcher.submit(images(1)[0])
+        gate.set()
+        await stopping
+        results = await asyncio.gather(*tasks)
+        assert all(isinstance(r, BatchResult) for r in results)
+
+    asyncio.run(main())
+    assert sum(rec.sizes) == 5
+
+
+def test_submit_before_start_is_503() -> None:
+    batcher = MicroBatcher(lambda b: (b, b))
+
+    async def main() -> None:
+        with pytest.raises(NotAccepting) as err:
+            await batcher.submit(np.zeros((3, 2, 2), np.float32))
+        assert err.value.status == 503
+
+    asyncio.run(main())
