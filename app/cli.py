@@ -1,0 +1,116 @@
+"""``cxr-triage``: one command line for serving, auditing and the training pipeline.
+
+``serve`` and ``audit`` live in ``app``; ``cache | train | evaluate | export | download`` belong to
+``training`` and are imported only when asked for, so ``serve`` and ``--help`` never load torch and
+a serving-only install (no ``[train]`` extra) still has a working CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+SERVE_HELP = "run the HTTP service (uvicorn) on the model folder"
+AUDIT_HELP = "read the audit trail of predictions"
+TRAINING_COMMANDS: dict[str, str] = {
+    "cache": "decode images once and cache them for training",
+    "train": "train a model on NIH ChestX-ray14 images",
+    "evaluate": "evaluate a trained run (AUROC, thresholds)",
+    "export": "export a run to a model folder (model.onnx + model_card.json) or a Triton repo",
+    "download": "download the NIH ChestX-ray14 archives (resumable, checksummed)",
+}
+TRAIN_EXTRA_HINT = "pip install 'cxr-triage[train]'"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cxr-triage",
+        description="Chest X-ray triage: serve an ONNX model over HTTP, or train and export one. "
+        "Not a medical device.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve = commands.add_parser("serve", help=SERVE_HELP, description=SERVE_HELP)
+    serve.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"),
+                       help="interface to bind (default: $HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")),
+                       help="port (default: $PORT or 8000)")
+    serve.add_argument("--model-dir", type=Path, default=None,
+                       help="model folder (default: $CXR_MODEL_DIR or models/default)")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="server processes, each with its own ONNX session; on a CPU-only "
+                       "host one process using all cores is fastest (default: 1)")
+    serve.add_argument("--log-level", default=None,
+                       help="uvicorn log level (default: $CXR_LOG_LEVEL)")
+    commands.add_parser("audit", help=AUDIT_HELP, add_help=False)
+    for name, text in TRAINING_COMMANDS.items():
+        commands.add_parser(name, help=text + " (needs the [train] extra)", add_help=False)
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Check the model folder, then hand over to uvicorn with the app factory."""
+    from app.runtime import ModelLoadError, check_model_folder
+    from app.settings import Settings
+
+    if args.model_dir is not None:
+        # The factory reads settings from the environment, in this and in worker processes.
+        os.environ["CXR_MODEL_DIR"] = str(args.model_dir.resolve())
+    settings = Settings()
+    try:
+        check_model_folder(settings.model_dir)
+    except ModelLoadError as exc:
+        print(f"cxr-triage serve: {exc}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=(args.log_level or settings.log_level).lower(),
+    )
+    return 0
+
+
+def run_training_command(argv: list[str]) -> int:
+    """Delegate to ``training.cli.main``; explain what to install when it is missing."""
+    try:
+        from training.cli import main as training_main
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] == "training":
+            what = "the training package (a source checkout of cxr-triage)"
+        else:
+            what = f"the training dependencies (missing module {exc.name!r})"
+        print(
+            f"cxr-triage {argv[0]}: needs {what}. Install them with: {TRAIN_EXTRA_HINT}",
+            file=sys.stderr,
+        )
+        return 2
+    return int(training_main(argv) or 0)
+
+
+def run_audit(argv: list[str]) -> int:
+    from app.audit import main as audit_main
+
+    return int(audit_main(argv) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cxr-triage`` console script."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list and args_list[0] in TRAINING_COMMANDS:
+        return run_training_command(args_list)
+    if args_list and args_list[0] == "audit":
+        return run_audit(args_list[1:])
+    args = build_parser().parse_args(args_list)
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
