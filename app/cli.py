@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import FrameType
 
 SERVE_HELP = "run the HTTP service (uvicorn) on the model folder"
 AUDIT_HELP = "read the audit trail of predictions"
@@ -67,6 +69,9 @@ def serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    # uvicorn re-raises SIGTERM once its graceful shutdown (after the app's drain) is done; by then
+    # the signal has been handled, so the process should end with status 0, not die of it.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         "app.main:create_app",
         factory=True,
@@ -76,6 +81,10 @@ def serve(args: argparse.Namespace) -> int:
         log_level=(args.log_level or settings.log_level).lower(),
     )
     return 0
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 def run_training_command(argv: list[str]) -> int:

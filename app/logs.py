@@ -71,11 +71,13 @@ _PATIENT_KEYWORDS = frozenset(
     )
 )
 
-# Attributes every LogRecord has; anything else on a record came in through ``extra=``.
+# Attributes every LogRecord has; anything else on a record came in through ``extra=``
+# (except uvicorn's ``color_message``, the same text with terminal colour codes).
 _RECORD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "message",
     "asctime",
     "taskName",
+    "color_message",
 }
 
 

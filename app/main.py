@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -25,16 +24,25 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi import params as fastapi_params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from starlette.datastructures import MutableHeaders, UploadFile
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
+from app.audit import AuditLog, AuditMiddleware, entry_for
 from app.batcher import MicroBatcher, NotAccepting
 from app.card import ModelCard
 from app.decode import DecodedImage, DecodeError, decode_image
 from app.heatmap import overlay_png_base64
 from app.labels import NO_FINDING
+from app.limits import (
+    MIB,
+    DeadlineMiddleware,
+    Drain,
+    DrainMiddleware,
+    ShuttingDown,
+    UploadLimitMiddleware,
+)
+from app.logs import REQUEST_ID_HEADER, RequestIdMiddleware, configure_logging
 from app.metrics import Metrics, RequestMetricsMiddleware
 from app.preprocess import to_model_input
 from app.problems import Problem
@@ -53,12 +61,11 @@ from app.schemas import (
     Triage,
     problem_responses,
 )
+from app.security import ApiKeyAuth, require_api_key, require_metrics_key
 from app.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
 
-REQUEST_ID_HEADER = "X-Request-ID"
-_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 RAW_MEDIA_TYPES = frozenset({"image/png", "image/jpeg", "application/dicom"})
 # Generic types say nothing about the format: let the decoder sniff the bytes.
 _SNIFF_MEDIA_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
@@ -84,42 +91,8 @@ _PREDICT_OPENAPI: dict[str, Any] = {
 
 
 # -- request ids ---------------------------------------------------------------------------------
-
-
-class RequestIdMiddleware:
-    """Give every request an id: the client's ``X-Request-ID`` when it is a plain token, else a
-    fresh uuid4. It is stored in ``request.state.request_id`` and echoed in the response header,
-    so a client, the JSON body and the logs all name the same request."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = _sane_request_id(_header(scope, b"x-request-id"))
-        scope.setdefault("state", {})["request_id"] = request_id
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope.get("headers", ()):
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
-def _sane_request_id(value: str | None) -> str:
-    if value is not None and _REQUEST_ID_RE.fullmatch(value):
-        return value
-    return uuid.uuid4().hex
+# app.logs.RequestIdMiddleware gives every request an id (the client's X-Request-ID when it is a
+# plain token), in request.state, the log context and the response header.
 
 
 def request_id_of(request: Request) -> str:
@@ -274,14 +247,21 @@ async def predict(
     data, hint = await read_upload(request)
     loop = asyncio.get_running_loop()
     card = runtime.card
+    audit = entry_for(request)
+    if audit is not None:
+        audit.note_model(card.name, card.version)
     with batcher.admit() as slot:
         prepared = await loop.run_in_executor(
             pool, prepare, data, hint, card, settings.max_pixels
         )
         del data
+        if audit is not None:
+            audit.note_image(prepared.decoded.source, prepared.decoded.dicom)
         metrics.decode_duration.observe(prepared.seconds)
         result = await slot.submit(prepared.model_input)
     findings, triage = score(card, result.logits)
+    if audit is not None:
+        audit.note_findings(triage.screening_positive, triage.diagnosis_positive, triage.abnormal)
     heatmap_out = None
     if heatmap:
         png = await loop.run_in_executor(
@@ -321,6 +301,8 @@ async def healthz() -> Health:
 
 async def readyz(request: Request) -> Readiness:
     """200 once the model is loaded and warmed up and requests are accepted; else 503."""
+    if request.app.state.drain.draining:
+        raise ShuttingDown()
     runtime, _, _ = _ready_parts(request)
     if not runtime.warmed_up:
         raise NotAccepting("The model is warming up.")
@@ -375,6 +357,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     Loading fails loudly (uvicorn exits) rather than serving a model that does not fit its card.
     """
     settings = settings_of(app)
+    audit: AuditLog = app.state.audit
+    await asyncio.to_thread(audit.start)
     runtime = await asyncio.to_thread(
         ModelRuntime.load,
         settings.model_dir,
@@ -393,19 +377,30 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     await batcher.start()
     app.state.runtime, app.state.batcher, app.state.decode_pool = runtime, batcher, pool
+    drain: Drain = app.state.drain
+    drain.draining = False
+    # SIGTERM: /readyz and new /predict answer 503 while admitted requests finish; then uvicorn
+    # stops listening, waits for connections and runs the shutdown below.
+    uninstall_sigterm = drain.install_sigterm(
+        delay_s=settings.drain_delay_s, max_wait_s=settings.request_timeout_s
+    )
     logger.info("ready: %s %s on %s", runtime.card.name, runtime.card.version, runtime.provider)
     try:
         yield
     finally:
+        drain.draining = True
+        uninstall_sigterm()
         await batcher.stop(timeout_s=settings.request_timeout_s)
         pool.shutdown(wait=True, cancel_futures=True)
         app.state.batcher = app.state.decode_pool = None
+        # Every request has been answered (and recorded) by now: write the audit rows left.
+        await asyncio.to_thread(audit.close)
 
 
 def protected_dependencies(settings: Settings) -> Sequence[fastapi_params.Depends]:
-    """Dependencies of the routes that use the model (/predict, /v1/model): the hook for API
-    keys and similar checks. None yet."""
-    return ()
+    """Dependencies of the routes that use the model (/predict, /v1/model): an API key when
+    keys are configured (left out otherwise, so /docs shows no Authorize button then)."""
+    return [Depends(require_api_key)] if (settings.api_keys or "").strip() else []
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -425,11 +420,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings is not None:
         app.dependency_overrides[get_settings] = lambda: settings
     effective = settings_of(app)
+    configure_logging(effective)
+    app.state.auth = ApiKeyAuth.from_settings(effective)
     app.state.metrics = Metrics()
     app.state.runtime = None
     app.state.batcher = None
     app.state.decode_pool = None
-    app.state.audit = None
+    app.state.audit = AuditLog(effective.audit_db)
+    app.state.drain = Drain()
 
     app.add_exception_handler(Problem, _on_problem)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
@@ -452,14 +450,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "/readyz", readyz, methods=["GET"], response_model=Readiness,
         responses=problem_responses(503),
     )
+    metrics_keyed = app.state.auth.enabled and effective.metrics_require_key
     open_routes.add_api_route(
         "/metrics", metrics_endpoint, methods=["GET"], response_class=Response,
-        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus metrics"}},
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus metrics"},
+                   **(problem_responses(401) if metrics_keyed else {})},
+        dependencies=[Depends(require_metrics_key)] if metrics_keyed else [],
     )
     app.include_router(model_routes)
     app.include_router(open_routes)
 
+    # Outermost last: request id > audit > metrics > drain gate > deadline > upload limit.
+    app.add_middleware(UploadLimitMiddleware, max_bytes=int(effective.max_upload_mb * MIB))
+    app.add_middleware(DeadlineMiddleware, timeout_s=effective.request_timeout_s)
+    app.add_middleware(DrainMiddleware, drain=app.state.drain, paths=(PREDICT_PATH,))
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics,
                        paths=frozenset({PREDICT_PATH}))
+    app.add_middleware(AuditMiddleware, audit=app.state.audit, paths=(PREDICT_PATH,))
     app.add_middleware(RequestIdMiddleware)
     return app
