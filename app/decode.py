@@ -326,20 +326,23 @@ def _decode_dicom(
         raise _err(
             422,
             f"colour DICOM images are not accepted (SamplesPerPixel {samples}, "
-            f"PhotometricInterpretation {photometric or 'absent'}): radiographs are grayscale; "
+            f"PhotometricInterpretation {_echo_code(photometric)}): radiographs are grayscale; "
             "send the original MONOCHROME1/MONOCHROME2 image",
         )
     if not photometric:
         ds.PhotometricInterpretation = photometric = "MONOCHROME2"
         warnings.append("PhotometricInterpretation absent; assumed MONOCHROME2")
     elif photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise _err(422, f"unsupported DICOM PhotometricInterpretation {photometric[:32]!r}")
+        raise _err(422, f"unsupported DICOM PhotometricInterpretation {_echo_code(photometric)}")
     frames = _int(ds, "NumberOfFrames") or 1
     if frames > 1:
         warnings.append(f"multi-frame DICOM ({frames} frames); used the first frame")
 
     tsyntax = UID(str(ds.file_meta.TransferSyntaxUID))
-    ts_label = f"{tsyntax.name} [{tsyntax}]" if tsyntax.is_transfer_syntax else f"[{tsyntax}]"
+    if tsyntax.is_transfer_syntax:
+        ts_label = f"{tsyntax.name} [{tsyntax}]"
+    else:  # echo a file's value only when it is a well-formed UID
+        ts_label = f"[{tsyntax}]" if _UID_RE.match(tsyntax) and len(tsyntax) <= 64 else "[invalid]"
     try:
         decoder = get_decoder(tsyntax)
     except NotImplementedError:
@@ -525,18 +528,21 @@ def _check_codestream(ds: Dataset, rows: int, cols: int, max_pixels: int, ts_lab
 
 def _display(raw: np.ndarray, ds: Dataset, warnings: list[str]) -> np.ndarray:
     """Modality LUT, then VOI LUT / window / own min-max range -> float32 in [0, 1]."""
-    values = apply_modality_lut(raw, ds) if ds.get("ModalityLUTSequence") else raw
-    slope, intercept = _rescale(ds, warnings)
-
     if _has_voi_lut(ds):
         try:
-            mapped = apply_voi(values, ds, index=0).astype(np.float32)
+            # The VOI LUT indexes modality values: pydicom applies the Modality LUT or rescale.
+            modality = apply_modality_lut(raw, ds)
+            if modality.dtype.kind == "f":
+                modality = np.rint(modality).astype(np.int64)
+            mapped = apply_voi(modality, ds, index=0).astype(np.float32)
             lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float32)
             low, high = float(lut.min()), float(lut.max())
             return _scale(mapped, low, high, warnings)
         except Exception:
             warnings.append("the VOI LUT could not be applied; used the window or image range")
 
+    values = apply_modality_lut(raw, ds) if ds.get("ModalityLUTSequence") else raw
+    slope, intercept = _rescale(ds, warnings)
     x = values.astype(np.float32)
     if slope != 1.0 or intercept != 0.0:
         x *= np.float32(slope)
@@ -634,6 +640,13 @@ def _rescale(ds: Dataset, warnings: list[str]) -> tuple[float, float]:
         warnings.append("the DICOM rescale slope/intercept is invalid; ignored")
         return 1.0, 0.0
     return slope, intercept
+
+
+def _echo_code(value: str) -> str:
+    """A coded string from the file, fit to quote in an error detail, or a placeholder."""
+    if not value:
+        return "absent"
+    return value if re.fullmatch(r"[A-Z0-9 _]{1,16}", value) else "invalid"
 
 
 def _has_voi_lut(ds: Dataset) -> bool:
