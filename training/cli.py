@@ -1,0 +1,258 @@
+"""``cxr-triage cache | train | evaluate | export | download``: the training side of the CLI.
+
+``app.cli`` hands these sub-commands to :func:`main` (``argv`` starts with the sub-command).
+Importing this module imports neither torch nor timm, so ``cxr-triage --help`` and ``serve`` stay
+light; each command imports what it needs when it runs. ``train`` reads a YAML config
+(``--config``) and lets any flag override it; ``torchrun --nproc-per-node=N -m training.cli train
+...`` runs the same command with DistributedDataParallel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from training.config import add_config_flags, resolve_config
+
+log = logging.getLogger("training")
+COMMANDS = ("cache", "train", "evaluate", "export", "download")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cxr-triage",
+        description="Train, evaluate and export cxr-triage models (NIH ChestX-ray14).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("cache", help="decode and resize images once into a uint8 cache")
+    p.add_argument("--labels", required=True, help="Data_Entry_2017_v2020.csv or a labels CSV")
+    p.add_argument("--image-root", help="folder the CSV's image paths are relative to")
+    p.add_argument("--official-lists", help="folder with train_val_list.txt / test_list.txt")
+    p.add_argument("--out", required=True, help="cache folder to write")
+    p.add_argument("--image-size", type=int, default=224, help="side in pixels (default 224)")
+    p.add_argument(
+        "--interpolation",
+        default="bicubic",
+        choices=["nearest", "bilinear", "bicubic", "lanczos"],
+        help="resize filter; use the model's (timm ViTs: bicubic; zoo models: bilinear)",
+    )
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPUs)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N rows (smoke tests)")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+    p = sub.add_parser("train", help="train a model into a run folder")
+    p.add_argument("--config", help="YAML config (keys = flag names); flags override it")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue --out from its last.pt with its saved config (+ flags given)",
+    )
+    add_config_flags(p)
+
+    p = sub.add_parser("evaluate", help="AUROC with CIs, thresholds and ROC curves of a run")
+    p.add_argument("--run", required=True, help="run folder written by train")
+    p.add_argument(
+        "--split",
+        default=None,
+        choices=["val", "test"],
+        help="split to report (default: test if the run has one, else val)",
+    )
+    _eval_flags(p)
+
+    p = sub.add_parser("export", help="write the ONNX model folder (or a Triton repository)")
+    p.add_argument("--run", help="run folder written by train")
+    p.add_argument("--out", help="model folder to write (model.onnx + model_card.json)")
+    p.add_argument("--model", help="existing model folder (with --triton, instead of --run)")
+    p.add_argument("--name", help="card name (default: the --out folder's name)")
+    p.add_argument("--version", default="0.1.0", help="card version (default 0.1.0)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default 17)")
+    p.add_argument("--atol", type=float, default=1e-4, help="parity tolerance (default 1e-4)")
+    p.add_argument("--intended-use", help="replace the card's intended-use text")
+    p.add_argument("--limitations", help="replace the card's limitations text")
+    p.add_argument("--triton", metavar="REPO_DIR", help="also write a Triton model repository")
+    p.add_argument("--triton-max-batch-size", type=int, default=None)
+    p.add_argument("--triton-max-queue-delay-us", type=int, default=None)
+    p.add_argument("--triton-instances", type=int, default=None)
+    p.add_argument("--triton-kind", default=None, choices=["KIND_GPU", "KIND_CPU"])
+    _eval_flags(p)
+
+    sub.add_parser(
+        "download", help="download NIH ChestX-ray14 (see `download --help`)", add_help=False
+    )
+    return parser
+
+
+def _eval_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for CIs")
+    p.add_argument(
+        "--screening-sensitivity",
+        type=float,
+        default=0.95,
+        help="sensitivity target of the screening threshold (default 0.95)",
+    )
+    p.add_argument("--diagnosis-method", default="youden", choices=["youden", "f1"])
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+def _cache(args: argparse.Namespace) -> int:
+    from training.cache import build_cache
+    from training.data import read_labels
+
+    table = read_labels(args.labels, image_root=args.image_root, official_lists=args.official_lists)
+    if args.limit:
+        table = table.iloc[: args.limit]
+    cache = build_cache(
+        table,
+        args.out,
+        size=args.image_size,
+        interpolation=args.interpolation,
+        workers=args.workers,
+        progress=args.progress,
+        source=str(args.labels),
+    )
+    print(f"cached {len(cache.index)} of {len(table)} images at {cache.size}px in {cache.path}")
+    return 0 if len(cache.index) else 1
+
+
+def _train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from training.config import TrainConfig
+    from training.trainer import train
+
+    base = None
+    if args.resume:
+        out = getattr(args, "out", None)
+        if not out:
+            print("--resume needs --out RUN_DIR", file=sys.stderr)
+            return 2
+        base = yaml.safe_load((Path(out) / "config.yaml").read_text())
+    cfg: TrainConfig = resolve_config(args, base=base)
+    summary = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", 0)) == 0:
+        auc = summary.get("best_val_mean_auroc")
+        print(
+            f"{summary['status']}: {summary['epochs_completed']} epochs, best epoch "
+            f"{summary['best_epoch']}, val mean AUROC "
+            f"{'n/a' if auc is None else f'{auc:.4f}'}; run folder {cfg.out}"
+        )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_run, format_report, load_run
+
+    run = load_run(args.run, device=args.device)
+    split = args.split or ("test" if len(run.positions("test")) else "val")
+    result = evaluate_run(
+        args.run,
+        split=split,
+        n_boot=args.bootstrap,
+        batch_size=args.batch_size,
+        target_sensitivity=args.screening_sensitivity,
+        diagnosis_method=args.diagnosis_method,
+        progress=args.progress,
+        run=run,
+    )
+    print(format_report(result))
+    print(f"wrote {Path(args.run) / 'eval' / f'{split}.json'} and {split}_roc.png")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    model_dir: Path | None = None
+    if args.run:
+        if not args.out:
+            print("export --run needs --out MODEL_DIR", file=sys.stderr)
+            return 2
+        from training.export import ParityError, export_run
+
+        try:
+            card = export_run(
+                args.run,
+                args.out,
+                name=args.name,
+                version=args.version,
+                opset=args.opset,
+                atol=args.atol,
+                n_boot=args.bootstrap,
+                target_sensitivity=args.screening_sensitivity,
+                diagnosis_method=args.diagnosis_method,
+                batch_size=args.batch_size,
+                intended_use=args.intended_use,
+                limitations=args.limitations,
+                progress=args.progress,
+            )
+        except ParityError as exc:
+            print(f"export failed: {exc}", file=sys.stderr)
+            return 1
+        model_dir = Path(args.out)
+        val = card.metrics["validation"].mean_auroc
+        print(
+            f"wrote {model_dir}/model.onnx and model_card.json ({card.architecture}, "
+            f"{card.heatmap_method}, val mean AUROC {'n/a' if val is None else f'{val:.4f}'})"
+        )
+    elif args.model:
+        model_dir = Path(args.model)
+    else:
+        print(
+            "export needs --run RUN_DIR --out MODEL_DIR, or --model MODEL_DIR --triton REPO",
+            file=sys.stderr,
+        )
+        return 2
+    if args.triton:
+        try:
+            from training.triton import write_triton_repository
+        except ImportError as exc:
+            print(f"Triton export is unavailable (training.triton: {exc})", file=sys.stderr)
+            return 1
+        options = {
+            "max_batch_size": args.triton_max_batch_size,
+            "max_queue_delay_microseconds": args.triton_max_queue_delay_us,
+            "instance_count": args.triton_instances,
+            "kind": args.triton_kind,
+        }
+        write_triton_repository(
+            model_dir, Path(args.triton), **{k: v for k, v in options.items() if v is not None}
+        )
+        print(f"wrote Triton repository {args.triton}")
+    return 0
+
+
+def _download(argv: list[str]) -> int:
+    try:
+        from training.download import main as download_main
+    except ImportError as exc:
+        print(f"`download` is unavailable (training.download: {exc})", file=sys.stderr)
+        return 1
+    return int(download_main(argv) or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one training sub-command; returns the process exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "download":
+        return _download(argv[1:])
+    args = _parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handlers = {"cache": _cache, "train": _train, "evaluate": _evaluate, "export": _export}
+    try:
+        return handlers[args.command](args)
+    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"cxr-triage {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
