@@ -353,7 +353,7 @@ def _decode_dicom(
         _check_codestream(ds, rows, cols, max_pixels, ts_label)
 
     try:
-        raw, _ = decoder.as_array(ds, index=0)
+        raw = _decode_first_frame(decoder, ds, tsyntax)
     except MemoryError:
         raise
     except BaseException as exc:
@@ -371,6 +371,18 @@ def _decode_dicom(
     if photometric == "MONOCHROME1":
         np.subtract(np.float32(1.0), pixels, out=pixels)
     return pixels, uids, warnings
+
+
+def _decode_first_frame(decoder: Any, ds: Dataset, tsyntax: UID) -> np.ndarray:
+    """Frame 0 through pydicom's decoders. Baseline JPEG goes to Pillow first: libjpeg-turbo is
+    about 10x faster than pylibjpeg-libjpeg there (2 vs 20 ms at 1024 px); the others follow
+    pydicom's plugin order."""
+    if tsyntax == JPEGBaseline8Bit and "pillow" in decoder.available_plugins:
+        try:
+            return decoder.as_array(ds, index=0, decoding_plugin="pillow")[0]
+        except Exception:
+            pass  # let every plugin have a go
+    return decoder.as_array(ds, index=0)[0]
 
 
 def _read_dataset(data: bytes, max_pixels: int, *, part10: bool) -> Dataset:
