@@ -26,6 +26,7 @@ import pydicom.config
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_fragments
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi, get_decoder
 from pydicom.uid import (
     JPEG2000,
@@ -629,7 +630,7 @@ def _window_params(ds: Dataset, warnings: list[str]) -> tuple[float, float, str]
 def _first_number(value: Any) -> float | None:
     if value is None or value == "":
         return None
-    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+    if isinstance(value, (list, tuple, MultiValue)):
         if not value:
             return None
         value = value[0]
