@@ -26,8 +26,13 @@ K8S = REPO / "deploy" / "k8s"
 MONITORING = REPO / "deploy" / "monitoring"
 K8S_VERSIONS = ("1.28.0", "1.35.0")  # an older supported release and a recent one
 METRICS = (
-    "cxr_requests_total", "cxr_request_duration_seconds", "cxr_batch_size", "cxr_queue_depth",
-    "cxr_inference_duration_seconds", "cxr_decode_duration_seconds", "cxr_model_info",
+    "cxr_requests_total",
+    "cxr_request_duration_seconds",
+    "cxr_batch_size",
+    "cxr_queue_depth",
+    "cxr_inference_duration_seconds",
+    "cxr_decode_duration_seconds",
+    "cxr_model_info",
 )
 SETTINGS_ENV = {f"CXR_{name.upper()}" for name in Settings.model_fields}
 
@@ -83,15 +88,28 @@ def test_compose_file_is_valid_against_the_compose_spec_schema(
 @pytest.mark.parametrize(
     ("where", "value"),
     [
-        (("services", "cxr-triage", "deploy", "resources", "reservations", "devices", 0,
-          "capabilities"), "gpu"),
+        (
+            (
+                "services",
+                "cxr-triage",
+                "deploy",
+                "resources",
+                "reservations",
+                "devices",
+                0,
+                "capabilities",
+            ),
+            "gpu",
+        ),
         (("services", "cxr-triage", "healthcheck", "start_periodd"), "90s"),
         (("services", "cxr-triage", "ports"), "8000:8000"),
     ],
 )
 def test_the_schema_check_has_teeth(
-    compose: dict[str, Any], compose_validator: jsonschema.protocols.Validator,
-    where: tuple[Any, ...], value: object,
+    compose: dict[str, Any],
+    compose_validator: jsonschema.protocols.Validator,
+    where: tuple[Any, ...],
+    value: object,
 ) -> None:
     broken = copy.deepcopy(compose)
     node = broken
@@ -169,8 +187,12 @@ def test_grafana_provisioning_and_dashboard_cover_the_design_metrics() -> None:
     for metric in METRICS:
         assert any(n == metric or n.startswith(metric + "_") for n in names), metric
     # histograms are queried through their _bucket/_sum/_count series, never bare
-    for histogram in ("cxr_request_duration_seconds", "cxr_batch_size",
-                      "cxr_inference_duration_seconds", "cxr_decode_duration_seconds"):
+    for histogram in (
+        "cxr_request_duration_seconds",
+        "cxr_batch_size",
+        "cxr_inference_duration_seconds",
+        "cxr_decode_duration_seconds",
+    ):
         assert histogram not in names
     assert all('instance=~"$instance"' in e for e in exprs)
 
@@ -193,13 +215,15 @@ def tiny_client_metrics(tmp_path_factory: pytest.TempPathFactory) -> str:
     from tests.model_fixtures import build_tiny_model
 
     folder = build_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
-    settings = Settings(model_dir=folder, providers="cpu", intra_op_threads=1, audit_db=None,
-                        log_json=False)
+    settings = Settings(
+        model_dir=folder, providers="cpu", intra_op_threads=1, audit_db=None, log_json=False
+    )
     png = io.BytesIO()
     Image.new("L", (64, 48), 128).save(png, "PNG")
     with TestClient(create_app(settings)) as client:
-        response = client.post("/predict", content=png.getvalue(),
-                               headers={"Content-Type": "image/png"})
+        response = client.post(
+            "/predict", content=png.getvalue(), headers={"Content-Type": "image/png"}
+        )
         assert response.status_code == 200, response.text
         return client.get("/metrics").text
 
@@ -213,8 +237,11 @@ def test_manifests_validate_against_the_kubernetes_schemas(
 ) -> None:
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     assert set(k8s_docs) >= {
-        "Deployment/cxr-triage", "Service/cxr-triage", "HorizontalPodAutoscaler/cxr-triage",
-        "ConfigMap/cxr-triage-config", "Secret/cxr-triage-api-keys",
+        "Deployment/cxr-triage",
+        "Service/cxr-triage",
+        "HorizontalPodAutoscaler/cxr-triage",
+        "ConfigMap/cxr-triage-config",
+        "Secret/cxr-triage-api-keys",
     }
     for key, doc in k8s_docs.items():
         try:
@@ -275,7 +302,10 @@ def test_service_and_hpas_point_at_the_deployment(k8s_docs: dict[str, dict[str, 
         hpa = k8s_docs[key]
         assert hpa["apiVersion"] == "autoscaling/v2"
         assert hpa["spec"]["scaleTargetRef"] == {
-            "apiVersion": "apps/v1", "kind": "Deployment", "name": "cxr-triage"}
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": "cxr-triage",
+        }
         assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     queue_metric = k8s_docs["HorizontalPodAutoscaler/cxr-triage/queue"]["spec"]["metrics"][0]
     assert queue_metric["pods"]["metric"]["name"] == "cxr_queue_depth"
@@ -294,8 +324,9 @@ def test_kustomization_lists_existing_files() -> None:
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
     text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
-    lines = [ln.strip() for ln in text.splitlines()
-             if ln.strip() and not ln.lstrip().startswith("#")]
+    lines = [
+        ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")
+    ]
     return [(ln.split(None, 1)[0].upper(), ln.split(None, 1)[1]) for ln in lines]
 
 
@@ -304,7 +335,7 @@ def test_dockerfile_is_multi_stage_non_root_with_healthcheck() -> None:
     assert instructions[0] == ("ARG", "BASE_IMAGE=python:3.11-slim-bookworm")
     froms = [arg for op, arg in instructions if op == "FROM"]
     assert froms == ["${BASE_IMAGE} AS builder", "${BASE_IMAGE} AS runtime"]
-    runtime = instructions[[op for op, _ in instructions].index("FROM", 2):]
+    runtime = instructions[[op for op, _ in instructions].index("FROM", 2) :]
     ops = dict(runtime)
     assert ops["USER"] == "10001:10001"
     assert ops["EXPOSE"] == "8000"
@@ -320,8 +351,11 @@ def test_dockerfile_is_multi_stage_non_root_with_healthcheck() -> None:
 
 
 def test_dockerignore_keeps_the_context_small() -> None:
-    patterns = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
-                if ln.strip() and not ln.startswith("#")]
+    patterns = [
+        ln.strip()
+        for ln in (REPO / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
     for must in (".git", ".venv", "tests", "runs", "data"):
         assert must in patterns
     for needed in ("app", "training", "models", "pyproject.toml", "README.md"):
@@ -344,7 +378,7 @@ class _Readyz(BaseHTTPRequestHandler):
 def test_the_healthcheck_one_liner_judges_readyz(status: int, healthy: bool) -> None:
     """Run the Dockerfile's HEALTHCHECK command itself against a local /readyz."""
     healthcheck = dict(dockerfile_instructions())["HEALTHCHECK"]
-    argv = json.loads(healthcheck[healthcheck.index("CMD") + 3:])
+    argv = json.loads(healthcheck[healthcheck.index("CMD") + 3 :])
     assert argv[:2] == ["python3", "-c"]
     handler = type("Handler", (_Readyz,), {"status": status})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -352,8 +386,9 @@ def test_the_healthcheck_one_liner_judges_readyz(status: int, healthy: bool) -> 
     thread.start()
     try:
         env = {**os.environ, "PORT": str(server.server_address[1])}
-        done = subprocess.run([sys.executable, "-c", argv[2]], env=env, capture_output=True,
-                              timeout=20, check=False)
+        done = subprocess.run(
+            [sys.executable, "-c", argv[2]], env=env, capture_output=True, timeout=20, check=False
+        )
     finally:
         server.shutdown()
         server.server_close()

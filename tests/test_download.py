@@ -114,30 +114,56 @@ def manifest_for(tmp_path: Path, files: dict[str, bytes], **override: str) -> Pa
     for name, data in files.items():
         group = "images" if name.endswith(".tar.gz") else "metadata"
         md5 = override.get(name, hashlib.md5(data).hexdigest())
-        entries.append({"name": name, "url": None, "group": group, "size": len(data), "md5": md5,
-                        "sha256": None})
+        entries.append(
+            {
+                "name": name,
+                "url": None,
+                "group": group,
+                "size": len(data),
+                "md5": md5,
+                "sha256": None,
+            }
+        )
     path = tmp_path / "manifest.json"
     path.write_text(json.dumps({"files": entries}))
     return path
 
 
 def run(served: FileServer, out: Path, manifest: Path, *extra: str) -> int:
-    return main(["--out", str(out), "--base-url", served.base_url, "--manifest", str(manifest),
-                 "--retry-wait", "0", "--timeout", "10", "--no-progress", *extra])
+    return main(
+        [
+            "--out",
+            str(out),
+            "--base-url",
+            served.base_url,
+            "--manifest",
+            str(manifest),
+            "--retry-wait",
+            "0",
+            "--timeout",
+            "10",
+            "--no-progress",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture()
 def release(served: FileServer) -> dict[str, bytes]:
-    served.files.update({
-        "images_001.tar.gz": fake_archive(["00000001_000.png", "00000001_001.png"], seed=1),
-        "images_002.tar.gz": fake_archive(["00000002_000.png"], seed=2),
-        "Data_Entry_2017_v2020.csv": b"Image Index,Finding Labels\n00000001_000.png,Hernia\n",
-    })
+    served.files.update(
+        {
+            "images_001.tar.gz": fake_archive(["00000001_000.png", "00000001_001.png"], seed=1),
+            "images_002.tar.gz": fake_archive(["00000002_000.png"], seed=2),
+            "Data_Entry_2017_v2020.csv": b"Image Index,Finding Labels\n00000001_000.png,Hernia\n",
+        }
+    )
     return served.files
 
 
 def test_full_download_verifies_every_file(
-    served: FileServer, release: dict[str, bytes], tmp_path: Path,
+    served: FileServer,
+    release: dict[str, bytes],
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "nih"
@@ -172,7 +198,8 @@ def test_a_connection_dropped_mid_file_is_resumed_within_the_run(
     assert run(served, out, manifest_for(tmp_path, release), "--parts", "images_002.tar.gz") == 0
     assert (out / "images_002.tar.gz").read_bytes() == data
     assert [(rng, sent) for _, rng, sent in served.log] == [
-        (None, 1000), ("bytes=1000-", len(data) - 1000)
+        (None, 1000),
+        ("bytes=1000-", len(data) - 1000),
     ]
 
 
@@ -200,7 +227,9 @@ def test_a_complete_part_file_is_finished_without_a_body(
 
 
 def test_checksum_mismatch_fails_and_keeps_the_evidence(
-    served: FileServer, release: dict[str, bytes], tmp_path: Path,
+    served: FileServer,
+    release: dict[str, bytes],
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "nih"
@@ -210,8 +239,9 @@ def test_checksum_mismatch_fails_and_keeps_the_evidence(
     assert (out / "images_001.tar.gz.corrupt").read_bytes() == release["images_001.tar.gz"]
     assert (out / "images_002.tar.gz").is_file(), "one bad file must not stop the others"
     captured = capsys.readouterr()
-    assert re.search(r"images_001\.tar\.gz\s+corrupt\s+md5 [0-9a-f]{32} != expected 0{32}",
-                     captured.out)
+    assert re.search(
+        r"images_001\.tar\.gz\s+corrupt\s+md5 [0-9a-f]{32} != expected 0{32}", captured.out
+    )
     assert "1 file(s) failed: images_001.tar.gz" in captured.err
 
 
@@ -234,7 +264,9 @@ def test_a_bad_file_already_on_disk_is_fetched_again(
 
 
 def test_extraction_unpacks_images_once(
-    served: FileServer, release: dict[str, bytes], tmp_path: Path,
+    served: FileServer,
+    release: dict[str, bytes],
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     out = tmp_path / "nih"
@@ -251,9 +283,7 @@ def test_extraction_unpacks_images_once(
     assert capsys.readouterr().out.count("already extracted") == 2
 
 
-def test_extraction_refuses_members_outside_the_folder(
-    served: FileServer, tmp_path: Path
-) -> None:
+def test_extraction_refuses_members_outside_the_folder(served: FileServer, tmp_path: Path) -> None:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
         info = tarfile.TarInfo("../escaped.txt")
@@ -271,9 +301,11 @@ def test_write_manifest_pins_sha256_that_later_runs_enforce(
 ) -> None:
     out = tmp_path / "nih"
     loose = tmp_path / "loose.json"
-    loose.write_text(json.dumps({"files": [
-        {"name": "Data_Entry_2017_v2020.csv", "url": None, "group": "metadata"}
-    ]}))
+    loose.write_text(
+        json.dumps(
+            {"files": [{"name": "Data_Entry_2017_v2020.csv", "url": None, "group": "metadata"}]}
+        )
+    )
     pinned = tmp_path / "pinned.json"
     assert run(served, out, loose, "--write-manifest", str(pinned)) == 0
     (entry,) = json.loads(pinned.read_text())["files"]
@@ -286,7 +318,9 @@ def test_write_manifest_pins_sha256_that_later_runs_enforce(
 
 
 def test_an_html_page_instead_of_the_file_is_an_error(
-    served: FileServer, release: dict[str, bytes], tmp_path: Path,
+    served: FileServer,
+    release: dict[str, bytes],
+    tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     served.content_type = "text/html; charset=utf-8"
@@ -310,15 +344,24 @@ def test_default_manifest_names_the_official_release() -> None:
     assert all(e.md5 and re.fullmatch(r"[0-9a-f]{32}", e.md5) for e in images)
     assert len({e.url for e in images}) == 12
     names = {e.name for e in DEFAULT_MANIFEST if e.group == "metadata"}
-    assert names == {"Data_Entry_2017_v2020.csv", "BBox_List_2017.csv", "train_val_list.txt",
-                     "test_list.txt"}
+    assert names == {
+        "Data_Entry_2017_v2020.csv",
+        "BBox_List_2017.csv",
+        "train_val_list.txt",
+        "test_list.txt",
+    }
 
 
 def test_select_parts() -> None:
-    entries = (Entry("images_001.tar.gz", None, "images"), Entry("images_002.tar.gz", None,
-               "images"), Entry("test_list.txt", None, "metadata"))
+    entries = (
+        Entry("images_001.tar.gz", None, "images"),
+        Entry("images_002.tar.gz", None, "images"),
+        Entry("test_list.txt", None, "metadata"),
+    )
     assert [e.name for e in select(entries, ["2", "metadata"])] == [
-        "images_002.tar.gz", "test_list.txt"]
+        "images_002.tar.gz",
+        "test_list.txt",
+    ]
     assert select(entries, None) == list(entries)
     with pytest.raises(DownloadError, match="unknown part"):
         select(entries, ["nope"])

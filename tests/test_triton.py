@@ -42,8 +42,12 @@ def model_dir(tmp_path: Path) -> Path:
 
 def test_config_matches_graph_card_and_knobs(model_dir: Path, tmp_path: Path) -> None:
     target = write_triton_repository(
-        model_dir, tmp_path / "repo",
-        max_batch_size=16, max_queue_delay_microseconds=500, instance_count=2, kind="KIND_GPU",
+        model_dir,
+        tmp_path / "repo",
+        max_batch_size=16,
+        max_queue_delay_microseconds=500,
+        instance_count=2,
+        kind="KIND_GPU",
     )
     assert target == tmp_path / "repo" / "tiny"
     config = parse_config(target / "config.pbtxt")
@@ -96,8 +100,23 @@ def test_cli_main_and_rewrite_keeps_other_models(model_dir: Path, tmp_path: Path
     repo = tmp_path / "repo"
     (repo / "other" / "1").mkdir(parents=True)
     (repo / "other" / "config.pbtxt").write_text('name: "other"\n')
-    assert main([str(model_dir), str(repo), "--model-name", "cxr", "--max-batch-size", "4",
-                 "--max-queue-delay-us", "100", "--kind", "KIND_AUTO"]) == 0
+    assert (
+        main(
+            [
+                str(model_dir),
+                str(repo),
+                "--model-name",
+                "cxr",
+                "--max-batch-size",
+                "4",
+                "--max-queue-delay-us",
+                "100",
+                "--kind",
+                "KIND_AUTO",
+            ]
+        )
+        == 0
+    )
     stale = repo / "cxr" / "1" / "stale.onnx"
     stale.write_bytes(b"old")
     assert main([str(model_dir), str(repo), "--model-name", "cxr", "--max-batch-size", "4"]) == 0

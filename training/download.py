@@ -419,7 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Download NIH ChestX-ray14 (images_001-012.tar.gz, labels, official split) "
         "with resume and checksum verification.",
     )
-    parser.add_argument("--out", type=Path, required=True, help="folder to download into")
+    parser.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="folder to download into"
+    )
     parser.add_argument(
         "--parts",
         nargs="+",
@@ -427,12 +429,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="all (default), images, metadata, archive numbers 1-12, file names",
     )
     parser.add_argument(
-        "--base-url", default=None, help="a mirror holding the files under their names (BASE/NAME)"
+        "--base-url",
+        default=None,
+        metavar="URL",
+        help="a mirror holding the files under their names (BASE/NAME)",
     )
     parser.add_argument(
         "--manifest",
         type=Path,
         default=None,
+        metavar="FILE",
         help="JSON manifest to use instead of the built-in one",
     )
     parser.add_argument(
@@ -454,16 +460,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=False,
         help="unpack the archives into OUT (images/*.png)",
     )
-    parser.add_argument("--retries", type=int, default=5)
+    parser.add_argument(
+        "--retries", type=int, default=5, metavar="N", help="retries per file (default: 5)"
+    )
     parser.add_argument(
         "--retry-wait",
         type=float,
         default=2.0,
         dest="retry_wait_s",
+        metavar="SECONDS",
         help="seconds before the first retry, doubling after each",
     )
     parser.add_argument(
-        "--timeout", type=float, default=60.0, dest="timeout_s", help="socket timeout in seconds"
+        "--timeout",
+        type=float,
+        default=60.0,
+        dest="timeout_s",
+        metavar="SECONDS",
+        help="socket timeout in seconds",
     )
     parser.add_argument(
         "--progress",
