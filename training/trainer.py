@@ -375,8 +375,16 @@ class Trainer:
         return mean, step_losses, seen * self.info.world / max(elapsed, 1e-9)
 
     def validate(self) -> dict[str, Any]:
-        """Predictions on this rank's validation shard, gathered so every rank sees them all."""
+        """Predictions on this rank's validation shard, gathered so every rank sees them all.
+
+        BatchNorm running statistics drift apart between DDP ranks (each updates them from its own
+        batches), so rank 0's, which are the ones saved, are broadcast first: every shard is then
+        scored by exactly the weights in best.pt.
+        """
         bs = self.cfg.eval_batch_size or 2 * self.cfg.batch_size
+        if self.info.enabled:
+            for buffer in unwrap(self.model).buffers():
+                torch.distributed.broadcast(buffer, src=0)
         probs, loss_sum = predict(
             unwrap(self.model),
             self.val_ds,
@@ -436,6 +444,7 @@ class Trainer:
             row = {
                 "epoch": epoch + 1,
                 "train_loss": train_loss,
+                "val_images": val["val_images"],
                 "val_loss": val["val_loss"],
                 "val_mean_auroc": val["val_mean_auroc"],
                 "lr": self.optimizer.param_groups[0]["lr"],
