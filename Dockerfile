@@ -19,20 +19,26 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS builder
 ARG ORT_EXTRAS=cuda,cudnn
+# Lets scripts prune this stage's leftover image without touching anyone else's.
+LABEL cxr-triage.stage=builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python3 -m venv /opt/venv
 WORKDIR /src
-# Dependencies first, from pyproject.toml alone, so code edits do not re-download ~3 GB of wheels.
+# Dependencies first, from pyproject.toml alone (installed from a stub copy of the project, so
+# no stale build/ output can leak into the real one), so code edits do not re-download ~3 GB.
+COPY pyproject.toml README.md /tmp/stub/
+RUN mkdir -p /tmp/stub/app /tmp/stub/training \
+    && touch /tmp/stub/app/__init__.py /tmp/stub/training/__init__.py \
+    && /opt/venv/bin/pip install /tmp/stub "onnxruntime-gpu[${ORT_EXTRAS}]" \
+    && /opt/venv/bin/pip uninstall --yes cxr-triage \
+    && rm -rf /tmp/stub
 COPY pyproject.toml README.md ./
-RUN mkdir -p app training \
-    && touch app/__init__.py training/__init__.py \
-    && /opt/venv/bin/pip install . "onnxruntime-gpu[${ORT_EXTRAS}]" \
-    && /opt/venv/bin/pip uninstall --yes cxr-triage
 COPY app ./app
 COPY training ./training
-RUN /opt/venv/bin/pip install --no-deps .
+RUN /opt/venv/bin/pip install --no-deps . \
+    && /opt/venv/bin/python -c "import app.main, app.cli"
 # Where the NVIDIA wheels put their shared libraries, for the runtime's dynamic loader.
 RUN /opt/venv/bin/python -c "import glob, sysconfig; \
 print('\n'.join(sorted(glob.glob(sysconfig.get_paths()['purelib'] + '/nvidia/*/lib'))))" \
