@@ -306,23 +306,20 @@ def merge(loads: list[Load]) -> Load:
 # -- (c) decoding --------------------------------------------------------------------------------
 
 
-def decode_section() -> None:
+def decode_section(repeats: int) -> None:
     try:
         sys.path.insert(0, str(REPO / "benchmarks"))
         from decode_bench import decode_timings  # type: ignore[import-not-found]
     except ImportError as exc:
         print(f"\n(c) decode timings skipped: benchmarks/decode_bench.py not usable ({exc})")
         return
-    print("\n(c) decode time per image (benchmarks/decode_bench.py)")
-    result = decode_timings()
-    if isinstance(result, dict):
-        for key, value in result.items():
-            print(f"  {key:<48} {value}")
-    elif isinstance(result, list | tuple):
-        for row in result:
-            print(f"  {row}")
-    else:
-        print(result)
+    print("\n(c) decode time per image, median ms (benchmarks/decode_bench.py)")
+    print(f"  {'file':<44} {'format / transfer syntax':<40} {'size':>10} {'decode':>7} "
+          f"{'+prep':>7}")
+    for row in decode_timings(DATA_DIR, repeats=repeats):
+        name = str(row["file"]) + (" (synthetic)" if row.get("synthetic") else "")
+        print(f"  {name[:44]:<44} {str(row['transfer_syntax'])[:40]:<40} {row['size']:>10} "
+              f"{row['decode_ms']:>7.1f} {row['decode_preprocess_ms']:>7.1f}")
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -428,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  (load avg at the end {os.getloadavg()[0]:.1f}: other processes skew single runs)")
 
     if not args.skip_decode:
-        decode_section()
+        decode_section(repeats=3 if args.quick else 10)
     print("\nresult json: " + json.dumps({
         "raw_b1_p50_ms": round(raw_p50, 1), "raw_best_img_s": round(raw_best, 3),
         "best_batch": best_bs,
