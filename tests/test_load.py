@@ -32,6 +32,7 @@ CONCURRENCY = 64
 REQUESTS = 500
 WARM_UP = 100
 RSS_GROWTH_LIMIT = 24 * MIB
+DEADLINE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ def server(
             "CXR_MAX_BATCH_SIZE": "8",
             "CXR_DECODE_WORKERS": "2",
             "CXR_AUDIT_DB": str(audit_db),
+            "CXR_REQUEST_TIMEOUT_S": str(DEADLINE_S),
         },
     )
     yield live
@@ -144,8 +146,11 @@ def test_burst_is_answered_in_full_and_memory_stays_flat(
     }
 
 
-def audit_rows(db: Path, expected: int, timeout_s: float = 10.0) -> dict[str, int]:
-    """The audit rows once the writer has caught up (it commits in the background)."""
+def audit_rows(
+    db: Path, expected: int = 0, *, including: str | None = None, timeout_s: float = 10.0
+) -> dict[str, int]:
+    """The audit rows once the writer has caught up (it commits in the background): at least
+    ``expected`` of them, ``including`` that request id."""
     deadline = time.monotonic() + timeout_s
     while True:
         conn = sqlite3.connect(db)
@@ -153,7 +158,8 @@ def audit_rows(db: Path, expected: int, timeout_s: float = 10.0) -> dict[str, in
             rows = dict(conn.execute("SELECT request_id, status FROM predictions"))
         finally:
             conn.close()
-        if len(rows) >= expected or time.monotonic() > deadline:
+        caught_up = len(rows) >= expected and (including is None or including in rows)
+        if caught_up or time.monotonic() > deadline:
             return rows
         time.sleep(0.1)
 
@@ -211,3 +217,29 @@ def test_expect_continue_gets_413_instead_of_100(server: LiveServer) -> None:
                 break
             head += chunk
     assert head.startswith(b"HTTP/1.1 413 "), head[:200]
+
+
+def test_stalled_upload_gets_504_at_the_deadline(server: LiveServer, audit_db: Path) -> None:
+    """A client that sends its headers and a little of its body, then stalls (slowloris), is
+    answered 504 problem+json at the deadline, audited, and costs the others nothing."""
+    host, port = server.url.removeprefix("http://").split(":")
+    started = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=DEADLINE_S + 10) as sock:
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/png\r\n"
+            b"X-Request-ID: stalled-1\r\nContent-Length: 100000\r\n\r\n\x89PNG\r\n\x1a\n"
+        )
+        with httpx.Client(base_url=server.url, timeout=10.0) as other:
+            assert other.get("/readyz").status_code == 200
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    elapsed = time.monotonic() - started
+    head = reply.partition(b"\r\n\r\n")[0]
+    assert head.startswith(b"HTTP/1.1 504 "), head[:200]
+    assert b"application/problem+json" in head
+    assert DEADLINE_S <= elapsed < DEADLINE_S + 5, elapsed
+    assert audit_rows(audit_db, including="stalled-1").get("stalled-1") == 504
