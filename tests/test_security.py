@@ -404,3 +404,64 @@ def _collect(into: list[dict[str, object]]) -> Any:
         into.append(message)
 
     return send
+
+
+# ------------------------------------------------------------------------------ the service
+
+
+@pytest.fixture(scope="module")
+def png_bytes(nih_dir: Path) -> bytes:
+    return sorted((nih_dir / "images" / "nih-256").glob("*.png"))[0].read_bytes()
+
+
+def service(model_dir: Path, **overrides: Any) -> TestClient:
+    from app.main import create_app
+
+    base: dict[str, Any] = {
+        "model_dir": model_dir,
+        "intra_op_threads": 1,
+        "audit_db": None,
+        "log_json": False,
+    }
+    return TestClient(create_app(Settings(**{**base, **overrides})))
+
+
+def test_service_requires_keys_on_model_routes_only(tiny_model_dir: Path, png_bytes: bytes) -> None:
+    with service(tiny_model_dir, api_keys=f"{KEY_A},{KEY_B}") as client:
+        refused = client.post("/predict", content=png_bytes, headers={"Content-Type": "image/png"})
+        body = assert_problem(refused, 401)
+        assert refused.headers["www-authenticate"] == "Bearer"
+        assert body["request_id"] == refused.headers["x-request-id"]
+        assert_problem(client.get("/v1/model"), 401)
+        assert_problem(client.get("/v1/model", headers={"X-API-Key": "nope-0123456789abcdef"}), 401)
+
+        ok = client.post(
+            "/predict",
+            content=png_bytes,
+            headers={"Content-Type": "image/png", "Authorization": f"Bearer {KEY_B}"},
+        )
+        assert ok.status_code == 200 and len(ok.json()["findings"]) == 15
+        assert client.get("/v1/model", headers={"X-API-Key": KEY_A}).status_code == 200
+        for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/docs"):
+            assert client.get(path).status_code == 200, path
+        schemes = client.get("/openapi.json").json()["components"]["securitySchemes"]
+        assert set(schemes) == {"bearer", "apiKey"}
+
+
+def test_service_metrics_key_when_configured(tiny_model_dir: Path) -> None:
+    with service(tiny_model_dir, api_keys=KEY_A, metrics_require_key=True) as client:
+        assert_problem(client.get("/metrics"), 401)
+        assert client.get("/metrics", headers={"X-API-Key": KEY_A}).status_code == 200
+        assert client.get("/readyz").status_code == 200
+
+
+def test_open_service_documents_no_auth(tiny_model_dir: Path) -> None:
+    with service(tiny_model_dir, api_keys=None) as client:
+        assert client.get("/v1/model").status_code == 200
+        schema = client.get("/openapi.json").json()
+        assert "securitySchemes" not in schema.get("components", {})
+
+
+def test_service_refuses_to_start_with_a_missing_key_file(tiny_model_dir: Path) -> None:
+    with pytest.raises(ApiKeyConfigError):
+        service(tiny_model_dir, api_keys="/run/secrets/cxr-keys")
