@@ -272,3 +272,65 @@ def test_parse_when() -> None:
     assert parse_when("2026-01-31T10:00+02:00") == "2026-01-31T08:00:00.000Z"
     with pytest.raises(Exception, match="not a time"):
         parse_when("yesterday")
+
+
+# ------------------------------------------------------------------------------ the service
+
+
+def test_service_audits_real_dicoms_and_never_stores_patient_data(
+    tiny_model_dir: Path, dicom_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Real DICOMs through the real app: one row each with its UIDs and findings, and not one
+    patient name, id or birth date in the audit database, the logs or the responses."""
+    import pydicom
+
+    from app.main import create_app
+    from app.settings import Settings
+
+    db = tmp_path / "audit.sqlite"
+    settings = Settings(
+        model_dir=tiny_model_dir,
+        intra_op_threads=1,
+        audit_db=db,
+        log_json=True,
+        log_level="DEBUG",
+    )
+    # An uncompressed CR, the known-broken JPEG 2000 (a 4xx) and a JPEG baseline DX.
+    names = ("pydicomdata__RG1_UNCR.dcm", "pylibjpegdata__966.dcm", "torchxrayvision__Fake")
+    paths = [p for p in sorted((dicom_dir / "chest").glob("*.dcm")) if p.name.startswith(names)]
+    secrets: set[str] = set()
+    expected: dict[str, tuple[int, str | None]] = {}
+    responses: list[str] = []
+    with TestClient(create_app(settings)) as client:
+        for path in paths:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+            for keyword in ("PatientName", "PatientID", "PatientBirthDate"):
+                value = str(header.get(keyword) or "")
+                if len(value) >= 4:
+                    secrets.add(value)
+            response = client.post(
+                "/predict", files={"file": (path.name, path.read_bytes(), "application/dicom")}
+            )
+            responses.append(response.text)
+            sop = str(header.SOPInstanceUID) if response.status_code == 200 else None
+            expected[response.headers["x-request-id"]] = (response.status_code, sop)
+    assert secrets and {status for status, _ in expected.values()} >= {200}
+
+    got = {row["request_id"]: row for row in rows(db)}
+    assert set(got) == set(expected)
+    for request_id, (status, sop) in expected.items():
+        row = got[request_id]
+        assert row["status"] == status
+        if status == 200:
+            assert row["sop_instance_uid"] == sop and row["source"] == "dicom"
+            assert row["model_name"] == "tiny" and row["screening_positive"] is not None
+        else:
+            assert 400 <= status < 500 and row["problem"]
+
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("audit.sqlite*"))
+    logs = capfd.readouterr().err
+    assert '"request_id"' in logs
+    for secret in secrets:
+        assert secret.encode() not in stored, secret
+        assert secret not in logs, secret
+        assert all(secret not in text for text in responses), secret
