@@ -157,6 +157,17 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-7s %(name)s [%(request_id)s] %(message)s")
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a record comes (test runners swap it)."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+
 _SERVICE_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "app", "fastapi")
 
 
@@ -166,7 +177,7 @@ def configure_logging(settings: Settings, *, stream: Any = None) -> logging.Hand
     Replaces handlers uvicorn installed from its own ``log_config`` so its lines come out in the
     same format. Idempotent: calling it again replaces the handler it installed before.
     """
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _StderrHandler()
     handler.set_name("cxr-triage")
     handler.setFormatter(JsonFormatter() if settings.log_json else TextFormatter())
     handler.addFilter(RequestIdFilter())
