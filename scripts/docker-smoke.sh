@@ -7,15 +7,18 @@
 #   4. runs it the way docs/deployment.md and deploy/k8s do (read-only root, non-root user,
 #      tmpfs for /tmp and the audit DB), waits for /readyz and for Docker's own HEALTHCHECK,
 #      POSTs a chest X-ray PNG to /predict, reads /metrics, checks a bad upload gets a 4xx,
-#      runs a second container on a mounted model folder, and stops it gracefully;
-#   5. cleans up on any exit: containers, the project image (unless kept), the dockerd it started.
+#      runs a second container on a mounted model folder, brings up docker-compose.yml's
+#      CPU service on the same image (docker compose v2, or docker-compose from apt), and
+#      stops the first container gracefully;
+#   5. cleans up on any exit: containers, the compose project, the project image (unless
+#      kept), the dockerd it started.
 #
 # Usage: sudo scripts/docker-smoke.sh        (as root; takes 5-15 minutes the first time)
 # Knobs (environment):
 #   CXR_SMOKE_ORT_EXTRAS   onnxruntime-gpu extras for the build (default "cuda,cudnn"; "" = CPU)
 #   CXR_SMOKE_MODEL_DIR    model folder inside the repo (default models/default, else a tiny
 #                          test model is built into build/docker-smoke-model)
-#   CXR_SMOKE_PORT         host port on 127.0.0.1 (default 18080)
+#   CXR_SMOKE_PORT         host ports on 127.0.0.1: this one and the next two (default 18080)
 #   CXR_SMOKE_BUILD_NETWORK  network for RUN steps of the build (default host)
 #   CXR_SMOKE_KEEP_IMAGE=1 keep the built image; CXR_SMOKE_REBUILD_BASE=1 redo the base image
 #   CXR_SMOKE_WORK         scratch folder (default /tmp/cxr-docker-smoke)
@@ -32,6 +35,10 @@ BUILD_NETWORK=${CXR_SMOKE_BUILD_NETWORK:-host}
 MIRROR=${CXR_SMOKE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 CONTAINER=cxr-smoke-$$
 CONTAINER2=cxr-smoke-mounted-$$
+PROJECT=cxr-smoke-$$
+PORT3=$((PORT + 2))
+COMPOSE=()
+COMPOSE_UP=0
 STARTED_DOCKERD=0
 MADE_MODEL=""
 T0=$(date +%s)
@@ -51,6 +58,9 @@ cleanup() {
         done
     fi
     docker rm -f "$CONTAINER" "$CONTAINER2" >/dev/null 2>&1
+    if [[ $COMPOSE_UP == 1 ]]; then
+        (cd "$REPO" && "${COMPOSE[@]}" --profile cpu down -v --remove-orphans >/dev/null 2>&1)
+    fi
     if [[ "${CXR_SMOKE_KEEP_IMAGE:-0}" != 1 ]]; then
         docker rmi "$IMAGE" >/dev/null 2>&1 && log "removed image $IMAGE"
         docker image prune -f --filter label=cxr-triage.stage=builder >/dev/null 2>&1
@@ -198,9 +208,9 @@ EOF
 }
 wait_ready "$CONTAINER" "$PORT" 240 || die "/readyz not 200 within 240 s"
 
-log "POST /predict with a chest X-ray PNG"
 PNG=$(ls "$REPO"/../shared/data/nih/images/nih-1024/*.png 2>/dev/null | head -1 || true)
-"$PY" - "$PORT" "${PNG:-}" <<'EOF'
+check_predict() { # port: /predict with a PNG and with garbage, then /metrics
+    "$PY" - "$1" "${PNG:-}" <<'EOF'
 import json, struct, sys, urllib.error, urllib.request, zlib
 
 port, png_path = int(sys.argv[1]), sys.argv[2]
@@ -247,6 +257,9 @@ missing = [m for m in wanted if m not in text]
 print(f"    /metrics HTTP {status}: " + "; ".join(lines[:4]))
 assert status == 200 and not missing, missing
 EOF
+}
+log "POST /predict with a chest X-ray PNG"
+check_predict "$PORT"
 
 log "waiting for Docker's HEALTHCHECK to report healthy"
 health=""
@@ -272,6 +285,34 @@ with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/v1/model", timeout=
 print(f"    /v1/model: {card['name']} {card['version']} ({card['architecture']}), "
       f"{len(card['labels'])} labels")
 EOF
+
+log "docker-compose.yml: the cxr-triage-cpu service (profile cpu) on this image"
+if docker compose version >/dev/null 2>&1; then
+    COMPOSE=(docker compose)
+else
+    if ! command -v docker-compose >/dev/null; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null
+    fi
+    COMPOSE=(docker-compose)
+fi
+export COMPOSE_PROJECT_NAME=$PROJECT BASE_IMAGE=$BASE_TAG CXR_CPU_IMAGE=$IMAGE \
+    CXR_CPU_PORT=$PORT3 CXR_BIND=127.0.0.1
+(cd "$REPO" && "${COMPOSE[@]}" --profile cpu --profile monitoring config -q) \
+    || die "compose rejects docker-compose.yml"
+log "    $("${COMPOSE[@]}" version 2>/dev/null | head -1): config valid"
+COMPOSE_UP=1
+(cd "$REPO" && "${COMPOSE[@]}" --profile cpu up -d --no-build cxr-triage-cpu) \
+    >"$WORK/compose.log" 2>&1 || die "compose up failed; see $WORK/compose.log"
+COMPOSED=$(cd "$REPO" && "${COMPOSE[@]}" --profile cpu ps -q cxr-triage-cpu)
+wait_ready "$COMPOSED" "$PORT3" 240 || die "compose service not ready"
+check_predict "$PORT3"
+for _ in $(seq 60); do
+    health=$(docker inspect -f '{{.State.Health.Status}}' "$COMPOSED")
+    [[ $health == healthy ]] && break
+    sleep 2
+done
+[[ $health == healthy ]] || die "compose service health is '$health'"
+log "    compose service healthy; read-only root: $(docker inspect -f '{{.HostConfig.ReadonlyRootfs}}' "$COMPOSED")"
 
 log "docker stop (SIGTERM, graceful shutdown)"
 stop_start=$(date +%s)
