@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import pydicom
 import pydicom.config
+import pydicom.datadict
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_fragments
@@ -89,6 +90,11 @@ _SOF_MARKERS = frozenset({*range(0xC0, 0xD0), 0xF7} - {0xC4, 0xC8, 0xCC})
 
 # Explicit VR elements with a 4-byte length field (PS3.5 7.1.2).
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_ALL_VRS = _LONG_VRS | frozenset(
+    b"AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US".split()
+)
+# A CR/DX dataset has a few hundred elements; the budget leaves room for rich private headers.
+_MAX_ELEMENTS = 20_000
 
 
 @dataclass(frozen=True)
@@ -393,10 +399,13 @@ def _read_dataset(data: bytes, max_pixels: int, *, part10: bool) -> Dataset:
     if meta_ts == DeflatedExplicitVRLittleEndian:
         # pydicom would inflate without a bound: a zip bomb. Inflate here, capped by what the
         # pixel limit allows, then read the result as an explicit VR little endian dataset.
-        ds = pydicom.dcmread(io.BytesIO(_inflate(data[meta_end:], max_pixels)), force=True)
+        body = _inflate(data[meta_end:], max_pixels)
+        _check_element_budget(body, ExplicitVRLittleEndian)
+        ds = pydicom.dcmread(io.BytesIO(body), force=True)
         ds.file_meta = FileMetaDataset()
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         return ds
+    _check_element_budget(data[meta_end:], meta_ts)
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception:
@@ -412,6 +421,50 @@ def _read_dataset(data: bytes, max_pixels: int, *, part10: bool) -> Dataset:
     if "TransferSyntaxUID" not in meta and "PixelData" in ds:
         meta.TransferSyntaxUID = _infer_transfer_syntax(ds)
     return ds
+
+
+def _check_element_budget(body: bytes, tsyntax: str | None) -> None:
+    """Refuse a dataset with more elements than any radiograph has, before pydicom parses it.
+
+    pydicom spends microseconds per element, so a few MB of zero bytes (read as empty (0000,0000)
+    elements) or of repeated tiny elements would hold a decode worker for seconds. This walks the
+    element headers only, stepping into sequences and items, and stops at the pixel data.
+    """
+    if tsyntax in (ExplicitVRBigEndian,):
+        return  # retired and rare; pydicom's own parse is the only check
+    # A bare dataset has no transfer syntax: tell the encoding from the first element's VR bytes.
+    implicit = body[4:6] not in _ALL_VRS if tsyntax is None else tsyntax == ImplicitVRLittleEndian
+    pos, count, end = 0, 0, len(body)
+    while pos + 8 <= end:
+        count += 1
+        if count > _MAX_ELEMENTS:
+            raise _err(422, f"the DICOM dataset has over {_MAX_ELEMENTS:,} data elements")
+        group, element = struct.unpack_from("<HH", body, pos)
+        if (group, element) == (0x7FE0, 0x0010):
+            return
+        if group == 0xFFFE:  # item and delimiters: header only, always implicit-style
+            pos += 8
+            continue
+        vr = body[pos + 4 : pos + 6]
+        if implicit:
+            length, header = struct.unpack_from("<I", body, pos + 4)[0], 8
+            is_sequence = length == 0xFFFFFFFF or _dictionary_vr(group, element) == "SQ"
+        elif vr in _LONG_VRS:
+            if pos + 12 > end:
+                return
+            length, header = struct.unpack_from("<I", body, pos + 8)[0], 12
+            is_sequence = vr == b"SQ" or length == 0xFFFFFFFF
+        else:
+            length, header = struct.unpack_from("<H", body, pos + 6)[0], 8
+            is_sequence = False
+        pos += header if is_sequence else header + length
+
+
+def _dictionary_vr(group: int, element: int) -> str | None:
+    try:
+        return pydicom.datadict.dictionary_VR((group << 16) | element)
+    except KeyError:
+        return None
 
 
 def _has_image_attrs(ds: Dataset) -> bool:

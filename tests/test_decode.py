@@ -657,6 +657,23 @@ def test_dicom_bombs_are_refused(reference_u8: np.ndarray) -> None:
     assert error.status == 413 and "inflates past" in error.detail
 
 
+def test_element_floods_are_refused_before_pydicom_parses_them(reference_u8: np.ndarray) -> None:
+    # Zero bytes read as empty (0000,0000) elements, one every 8 bytes: millions of them would
+    # hold a decode worker for seconds. So would a flood of tiny valid elements before the pixels.
+    zeros = b"\0" * 128 + b"DICM" + b"\0" * (1 << 20)
+    error = _status(zeros)
+    assert error.status == 422 and "data elements" in error.detail
+    ds = _dataset(reference_u8[:8, :8], bits_stored=8)
+    tiny = (struct.pack("<HH2sH", 0x0009, 0x1000 + i, b"LO", 0) for i in range(30_000))
+    flood = b"".join(tiny)
+    data = _part10(ds)
+    pixel_tag = data.index(b"\xe0\x7f\x10\x00")
+    error = _status(data[:pixel_tag] + flood + data[pixel_tag:])
+    assert error.status == 422 and "data elements" in error.detail
+    # A real dataset is well under the budget.
+    assert decode_image(data).pixels.shape == (8, 8)
+
+
 def test_dicom_without_pixel_data_is_422(reference_u8: np.ndarray) -> None:
     ds = _dataset(reference_u8[:8, :8], bits_stored=8)
     del ds.PixelData
