@@ -39,7 +39,12 @@ class Problem(Exception):
         return PROBLEM_TYPE_BASE + self.slug
 
     def to_dict(self) -> dict[str, object]:
-        return {"type": self.type, "title": self.title, "status": self.status, "detail": self.detail}
+        return {
+            "type": self.type,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
 
     def to_response(self, **extra: object) -> JSONResponse:
         return JSONResponse(

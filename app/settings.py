@@ -30,7 +30,7 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(8, ge=1, description="Images per session run at most")
     max_batch_delay_ms: float = Field(
-        2.0, ge=0.0, description="How long the batcher waits to fill a batch (Triton's max_queue_delay)"
+        2.0, ge=0.0, description="Longest wait to fill a batch (Triton's max_queue_delay)"
     )
     max_queue_size: int = Field(64, ge=1, description="Decoded images waiting; past it, 503")
     decode_workers: int = Field(2, ge=1, description="Threads decoding uploads")
