@@ -12,7 +12,7 @@
 # Build arguments:
 #   BASE_IMAGE   any Debian/Ubuntu-like image with python3 (>= 3.10) and its venv module
 #   ORT_EXTRAS   onnxruntime-gpu extras: "cuda,cudnn" (default) bundles the GPU libraries;
-#                "" makes a CPU-only image about 3 GB smaller
+#                "" makes a CPU-only image about 2 GB smaller (0.7 GB instead of 2.7 GB)
 #   MODEL_DIR    model folder in the build context baked in as the default model
 
 ARG BASE_IMAGE=python:3.11-slim-bookworm
