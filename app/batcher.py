@@ -228,10 +228,10 @@ class MicroBatcher:
         if not live:
             return
         n = len(live)
-        # A lone image needs no stacking copy: a leading axis is a view.
-        pixels = live[0].pixels[None] if n == 1 else np.stack([item.pixels for item in live])
         loop = asyncio.get_running_loop()
         try:
+            # A lone image needs no stacking copy: a leading axis is a view.
+            pixels = live[0].pixels[None] if n == 1 else np.stack([item.pixels for item in live])
             logits, heatmap, start, end = await loop.run_in_executor(
                 self._executor, self._timed_run, pixels
             )

@@ -161,6 +161,20 @@ def test_a_model_returning_wrong_rows_fails_the_batch(runtime) -> None:
     run_with(batcher, body)
 
 
+def test_images_that_cannot_be_stacked_fail_their_batch_only(runtime) -> None:
+    batcher = MicroBatcher(Recorder(runtime), max_batch_size=4, max_batch_delay_ms=0)
+
+    async def body(b: MicroBatcher) -> BatchResult:
+        odd = np.zeros((3, 8, 8), np.float32)
+        results = await asyncio.gather(b.submit(images(1)[0]), b.submit(odd),
+                                       return_exceptions=True)
+        assert all(isinstance(r, InferenceFailed) for r in results)
+        assert b.accepting
+        return await b.submit(images(1)[0])
+
+    assert isinstance(run_with(batcher, body), BatchResult)
+
+
 def test_cancelled_requests_do_not_break_the_batch(runtime) -> None:
     gate = threading.Event()
     rec = Recorder(runtime, gate)
