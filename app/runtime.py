@@ -286,8 +286,12 @@ class ModelRuntime:
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Run each batch size once (allocations, CUDA kernels) and check the output shapes.
 
-        Output shapes that the graph leaves symbolic are checked here against the card.
+        Output shapes that the graph leaves symbolic are checked here against the card. On CUDA
+        every size up to the largest is run, because cuDNN picks its kernels per input shape and
+        the first request of an unseen batch size would otherwise pay for the search.
         """
+        if self.device == "cuda":
+            batch_sizes = tuple(range(1, max(batch_sizes) + 1))
         for n in dict.fromkeys(batch_sizes):
             batch = np.zeros((n, *self.input_shape), dtype=np.float32)
             start = time.perf_counter()
