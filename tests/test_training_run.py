@@ -99,6 +99,16 @@ def test_training_loss_falls_and_best_weights_are_kept(vit_run: Path) -> None:
     assert summary["splits"]["test"]["images"] == int((splits["split"] == "test").sum()) > 0
 
 
+def test_run_weights_load_as_a_checkpoint(vit_run: Path) -> None:
+    import torch
+
+    from training.zoo import create_model
+
+    best = torch.load(vit_run / "best.pt", weights_only=True)["model"]
+    model = create_model("vit-v1", num_classes=15, img_size=64, checkpoint=str(vit_run / "best.pt"))
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
+
+
 def test_resume_continues_with_the_same_next_step_loss(vit_run: Path, tmp_path: Path) -> None:
     cache = [
         "--cache",

@@ -238,6 +238,9 @@ def _download(argv: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one training sub-command; returns the process exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Idle OpenMP threads sleep instead of spinning: on a shared CPU, spinning threads made
+    # 2-thread training 10-25x slower than 1 thread (docs/training.md). Must precede torch.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if argv and argv[0] == "download":
         return _download(argv[1:])
     args = _parser().parse_args(argv)

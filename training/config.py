@@ -97,7 +97,9 @@ class TrainConfig:
         default="auto", metadata={"help": "auto (bf16 on CUDA, off on CPU) | bf16 | off"}
     )
     compile: bool = _f(False, "torch.compile the model (GPU throughput)")
-    channels_last: bool = _f(False, "channels-last memory format (CNNs)")
+    channels_last: bool | None = _f(
+        None, "channels-last memory format (default: on for CNNs, ~30% faster on CPU)"
+    )
     num_workers: int | None = _f(None, "DataLoader workers (default: 0 on CPU, 4 on CUDA)")
     threads: int | None = _f(None, "torch CPU threads (default: all cores)")
     eval_batch_size: int | None = _f(None, "validation batch size (default: 2 x batch size)")

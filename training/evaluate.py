@@ -104,9 +104,7 @@ def split_predictions(
         if str(saved["weights_id"]) == run.weights_id:
             return saved["probs"], saved["targets"]
     ds = CachedImages(run.cache, run.positions(split))
-    norm = Normalizer(
-        run.spec["mean"], run.spec["std"], run.device, channels_last=run.cfg.channels_last
-    )
+    norm = Normalizer(run.spec["mean"], run.spec["std"], run.device)
     probs, _ = predict(
         run.model,
         ds,
