@@ -189,6 +189,7 @@ def _export(args: argparse.Namespace) -> int:
                 intended_use=args.intended_use,
                 limitations=args.limitations,
                 progress=args.progress,
+                device=args.device,
             )
         except ParityError as exc:
             print(f"export failed: {exc}", file=sys.stderr)

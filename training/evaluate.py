@@ -97,7 +97,11 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", cache: str | None = No
 def split_predictions(
     run: LoadedRun, split: str, *, batch_size: int = 64, progress: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(probs, targets) for one split, cached in RUN/eval/preds_<split>.npz per best.pt version."""
+    """(probs, targets) for one split, cached in RUN/eval/preds_<split>.npz per best.pt version.
+
+    Always float32, like the exported graph: thresholds are set on the probabilities serving
+    will produce, not on bf16 approximations of them.
+    """
     out = run.run_dir / "eval" / f"preds_{split}.npz"
     if out.is_file():
         saved = np.load(out)
@@ -110,7 +114,7 @@ def split_predictions(
         ds,
         norm,
         batch_size=batch_size,
-        amp=run.cfg.amp,
+        amp="off",
         progress=progress,
         desc=f"predict {split}",
     )

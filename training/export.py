@@ -219,31 +219,29 @@ def export_run(
     intended_use: str | None = None,
     limitations: str | None = None,
     progress: bool = True,
+    device: str = "cpu",
 ) -> ModelCard:
-    """Export, check parity, evaluate val (+ test) and write the model folder; returns the card."""
+    """Evaluate val (+ test) on ``device``, export on CPU, check parity, write the model folder."""
     if opset < 17:
         raise ValueError("opset must be >= 17")
-    run = load_run(run_dir, device="cpu")
+    run = load_run(run_dir, device=device)
     out_dir = Path(out_dir)
+    common = {
+        "n_boot": n_boot,
+        "target_sensitivity": target_sensitivity,
+        "diagnosis_method": diagnosis_method,
+        "batch_size": batch_size,
+        "progress": progress,
+        "run": run,
+    }
+    val = evaluate_run(run.run_dir, split="val", **common)
+    test = evaluate_run(run.run_dir, split="test", **common) if len(run.positions("test")) else None
+    run.model.cpu()
     module = with_heatmap(run.model, run.labels).eval()
     with tempfile.TemporaryDirectory(prefix="cxr-export-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
         export_onnx(module, onnx_path, size=(run.spec["height"], run.spec["width"]), opset=opset)
         check_parity(module, onnx_path, parity_inputs(run), atol=atol)
-        common = {
-            "n_boot": n_boot,
-            "target_sensitivity": target_sensitivity,
-            "diagnosis_method": diagnosis_method,
-            "batch_size": batch_size,
-            "progress": progress,
-            "run": run,
-        }
-        val = evaluate_run(run.run_dir, split="val", **common)
-        test = (
-            evaluate_run(run.run_dir, split="test", **common)
-            if len(run.positions("test"))
-            else None
-        )
         card = build_card(
             run,
             name=name or out_dir.name,

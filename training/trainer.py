@@ -289,8 +289,9 @@ class Trainer:
         self.state = State()
         if resume:
             self._load_last()
-        else:
-            self.scheduler.step_update(0)
+        # the schedule is a function of the step, so a resumed run (or one given more --epochs)
+        # needs no scheduler state: the cosine is rebuilt from the config and set to this step
+        self.scheduler.step_update(self.state.global_step)
         self.net: nn.Module = model
         if cfg.compile:
             self.net = torch.compile(self.net)
@@ -304,7 +305,6 @@ class Trainer:
         return {
             "model": unwrap(self.model).state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "state": self.state.__dict__,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -325,7 +325,6 @@ class Trainer:
         ck = torch.load(path, map_location="cpu", weights_only=True)
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
-        self.scheduler.load_state_dict(ck["scheduler"])
         self.state = State(**ck["state"])
         torch.set_rng_state(ck["rng_cpu"])
         if ck["rng_cuda"] and torch.cuda.is_available():
