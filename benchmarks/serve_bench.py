@@ -134,6 +134,7 @@ def stand_in_heatmap(model: object) -> object:
 class Raw:
     runtime: ModelRuntime
     images: list[np.ndarray]
+    cpu_ms_per_image: list[float] = field(default_factory=list)
 
     def batch(self, n: int) -> np.ndarray:
         return np.stack([self.images[i % len(self.images)] for i in range(n)])
@@ -151,11 +152,12 @@ class Raw:
         """Images per second running back to back for about ``seconds`` (at least 2 runs)."""
         x = self.batch(batch_size)
         self.runtime.run(x)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         runs = 0
         while runs < 2 or time.perf_counter() - start < seconds:
             self.runtime.run(x)
             runs += 1
+        self.cpu_ms_per_image.append(1000 * (time.process_time() - cpu) / (runs * batch_size))
         return runs * batch_size / (time.perf_counter() - start)
 
 
@@ -197,6 +199,14 @@ class Server:
             time.sleep(0.25)
         raise TimeoutError("server not ready")
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (Linux; NaN elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def metric(self, name: str) -> float:
         _, body = request(self.port, "GET", "/metrics")
         for line in body.decode().splitlines():
@@ -231,6 +241,7 @@ class Load:
     statuses: dict[int, int] = field(default_factory=dict)
     seconds: float = 0.0
     mean_batch: float = float("nan")
+    cpu_seconds: float = 0.0
 
     @property
     def ok(self) -> int:
@@ -239,6 +250,10 @@ class Load:
     @property
     def throughput(self) -> float:
         return self.ok / self.seconds if self.seconds else 0.0
+
+    @property
+    def cpu_ms_per_image(self) -> float:
+        return 1000 * self.cpu_seconds / self.ok if self.ok else float("nan")
 
     def pct(self, q: float) -> float:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
@@ -279,12 +294,14 @@ def run_load(server: Server, payloads: list[bytes], concurrency: int, seconds: f
         conn.close()
 
     batches0, images0 = server.metric("cxr_batch_size_count"), server.metric("cxr_batch_size_sum")
+    cpu0 = server.cpu_seconds()
     threads = [threading.Thread(target=client, args=(k,)) for k in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     load.seconds = last_done[0] - start
+    load.cpu_seconds = server.cpu_seconds() - cpu0
     batches = server.metric("cxr_batch_size_count") - batches0
     if batches:
         load.mean_batch = (server.metric("cxr_batch_size_sum") - images0) / batches
@@ -296,6 +313,7 @@ def merge(loads: list[Load]) -> Load:
     for ld in loads:
         out.latencies_ms += ld.latencies_ms
         out.seconds += ld.seconds
+        out.cpu_seconds += ld.cpu_seconds
         for k, v in ld.statuses.items():
             out.statuses[k] = out.statuses.get(k, 0) + v
     batches = [ld.mean_batch for ld in loads if not np.isnan(ld.mean_batch)]
@@ -390,17 +408,19 @@ def main(argv: list[str] | None = None) -> int:
 
     raw_p50 = float(np.median([x for lat in raw_lat for x in lat]))
     raw_best = float(np.mean(raw_thr))
+    raw_cpu = float(np.median(raw.cpu_ms_per_image[-rounds:]))
     print(f"\n(a) raw ORT: batch-1 latency p50 {raw_p50:.1f} ms; best batch {best_bs}: "
-          f"{raw_best:.2f} img/s (mean of {rounds} windows)")
+          f"{raw_best:.2f} img/s (mean of {rounds} windows); CPU {raw_cpu:.0f} ms per image")
     print("\n(b) service over HTTP (raw image/png bodies, 1024 px NIH PNGs)")
     print(f"  {'conc':>4} {'req':>5} {'p50 ms':>8} {'p95 ms':>8} {'img/s':>7} {'x raw':>6} "
-          f"{'503s':>5} {'other':>5} {'mean batch':>10}")
+          f"{'503s':>5} {'other':>5} {'mean batch':>10} {'CPU ms/img':>10} {'raw/CPU':>7}")
     for c in levels:
         m = merge(loads[c])
         other = sum(v for k, v in m.statuses.items() if k not in (200, 503))
         print(f"  {c:>4} {sum(m.statuses.values()):>5} {m.pct(50):>8.1f} {m.pct(95):>8.1f} "
               f"{m.throughput:>7.2f} {m.throughput / raw_best:>6.3f} {m.statuses.get(503, 0):>5} "
-              f"{other:>5} {m.mean_batch:>10.2f}")
+              f"{other:>5} {m.mean_batch:>10.2f} {m.cpu_ms_per_image:>10.0f} "
+              f"{raw_cpu / m.cpu_ms_per_image:>7.3f}")
 
     verdicts: list[tuple[str, bool]] = []
     if 8 in loads:
