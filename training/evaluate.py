@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from app.labels import PATHOLOGIES
 from training.augment import Normalizer
 from training.cache import Cache, open_cache
 from training.config import TrainConfig
@@ -139,12 +140,14 @@ def plot_roc(
     from sklearn.metrics import roc_curve
 
     fig, ax = plt.subplots(figsize=(7, 7), dpi=110)
+    colors = plt.get_cmap("tab20").colors  # 15 labels: the default 10-colour cycle repeats
     for i, name in enumerate(labels):
         auc = table["per_label"][name]["auroc"]
         if auc is None:
             continue
         fpr, tpr, _ = roc_curve(targets[:, i], probs[:, i])
-        ax.plot(fpr, tpr, lw=1.2, label=f"{name} ({auc:.3f})")
+        style = "--" if name not in PATHOLOGIES else "-"
+        ax.plot(fpr, tpr, style, color=colors[i % len(colors)], lw=1.2, label=f"{name} ({auc:.3f})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     mean = table["mean_auroc"]
     ax.set_title(f"{title} - mean AUROC {mean:.3f}" if mean is not None else title)
@@ -226,7 +229,7 @@ def format_report(result: dict[str, Any]) -> str:
     ]
     for name, e in m["per_label"].items():
         s, d = ops["screening"][name], ops["diagnosis"][name]
-        ci = f"{f(e['auroc_ci_low'])}-{f(e['auroc_ci_high'])}"
+        ci = "-" if e["auroc"] is None else f"{f(e['auroc_ci_low'])}-{f(e['auroc_ci_high'])}"
         lines.append(
             f"{name:<19}{e['positives']:>5} {f(e['auroc']):>6} {ci:>13}   "
             f"{f(s['sensitivity']):>8} {f(s['specificity']):>5} {f(s['ppv']):>5}   "
