@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing as mp
 import os
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -105,7 +106,8 @@ def build_cache(
         results: Iterator = map(_load_chunk, jobs)
         pool = None
     else:
-        pool = ProcessPoolExecutor(max_workers=workers)
+        # spawn, not fork: ``train`` builds the cache after torch (and its OpenMP pool) loaded
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
         results = pool.map(_load_chunk, jobs)
     try:
         for batch in results:
