@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             from tests.live_server import start_server
 
             server = start_server(
-                args.model_dir.resolve(), Path(tmp.name), env={"CXR_INTRA_OP_THREADS": "0"}
+                args.model_dir.resolve(), Path(tmp.name), env={"CXR_INTRA_OP_THREADS": "2"}
             )
             url = server.url
         card = httpx.get(f"{url}/v1/model", headers={"X-API-Key": args.api_key or ""}).json()
