@@ -25,16 +25,13 @@ from PIL import Image
 
 from app.card import ModelCard
 from app.decode import decode_image
-from app.labels import NO_FINDING, PATHOLOGIES
+from app.labels import PATHOLOGIES
 from app.preprocess import to_model_input
+from tests.contract import BROKEN_DICOM, assert_contract, chest_dicoms
 from tests.live_server import LiveServer, start_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / "models" / "default"
-TOP_LEVEL_KEYS = {
-    "request_id", "model", "dicom", "findings", "triage", "heatmap", "warnings", "timing_ms",
-}  # fmt: skip
-BROKEN_DICOM = "pylibjpegdata__966.dcm"
 # The same radiographs exist at 1024 px (nih-1024) and at 64 px (nih-64) in the shared data.
 SAME_IMAGE = ("00000075_000.png", "00000100_000.png", "00000211_000.png")
 
@@ -94,36 +91,6 @@ def pngs(nih_dir: Path) -> list[Path]:
         sorted((images / "nih-256").glob("*.png"))[0],
         sorted((images / "nih-64").glob("*.png"))[0],
     ]
-
-
-def chest_dicoms(dicom_dir: Path) -> list[Path]:
-    return sorted(p for p in (dicom_dir / "chest").glob("*.dcm") if p.name != BROKEN_DICOM)
-
-
-def assert_contract(body: dict, card: ModelCard, expected: np.ndarray) -> None:
-    """DESIGN.md's response, this model's probabilities, the card's thresholds and triage."""
-    assert set(body) == TOP_LEVEL_KEYS
-    assert body["model"] == {"name": card.name, "version": card.version}
-    findings = body["findings"]
-    assert [f["label"] for f in findings] == card.labels
-    probabilities = np.array([f["probability"] for f in findings])
-    assert ((probabilities >= 0) & (probabilities <= 1)).all()
-    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
-    for f in findings:
-        screening = card.thresholds.screening[f["label"]].threshold
-        diagnosis = card.thresholds.diagnosis[f["label"]].threshold
-        assert f["screening_threshold"] == screening
-        assert f["diagnosis_threshold"] == diagnosis
-        assert f["screening_positive"] is (f["probability"] >= screening)
-        assert f["diagnosis_positive"] is (f["probability"] >= diagnosis)
-    pathologies = [f for f in findings if f["label"] != NO_FINDING]
-    diagnosed = [f["label"] for f in pathologies if f["diagnosis_positive"]]
-    assert body["triage"] == {
-        "screening_positive": [f["label"] for f in pathologies if f["screening_positive"]],
-        "diagnosis_positive": diagnosed,
-        "abnormal": bool(diagnosed),
-    }
-    assert set(body["timing_ms"]) == {"decode", "queue", "inference", "total"}
 
 
 def test_default_model_card_is_the_served_one(http, card) -> None:
