@@ -56,7 +56,10 @@ class QueueFull(Problem):
 
     def __init__(self, detail: str, retry_after_s: int = 1) -> None:
         super().__init__(
-            503, detail, slug="queue-full", title="Service Unavailable",
+            503,
+            detail,
+            slug="queue-full",
+            title="Service Unavailable",
             headers={"Retry-After": str(retry_after_s)},
         )
 
@@ -66,7 +69,10 @@ class NotAccepting(Problem):
 
     def __init__(self, detail: str = "The service is not accepting work right now.") -> None:
         super().__init__(
-            503, detail, slug="not-ready", title="Service Unavailable",
+            503,
+            detail,
+            slug="not-ready",
+            title="Service Unavailable",
             headers={"Retry-After": "5"},
         )
 
@@ -124,7 +130,8 @@ class MicroBatcher:
             if time.perf_counter() > deadline:
                 logger.warning(
                     "batcher stop: %d images unfinished after %.0fs; failing them",
-                    self._incoming + self._pending, timeout_s,
+                    self._incoming + self._pending,
+                    timeout_s,
                 )
                 break
             await asyncio.sleep(0.005)
@@ -271,7 +278,8 @@ class InferenceFailed(Problem):
 
     def __init__(self) -> None:
         super().__init__(
-            500, "The model failed on this batch; the service is still up, retry the request.",
+            500,
+            "The model failed on this batch; the service is still up, retry the request.",
             slug="inference-failed",
         )
 
@@ -307,8 +315,9 @@ class Slot:
         if not batcher._alive or batcher._queue is None:
             raise NotAccepting()
         loop = asyncio.get_running_loop()
-        item = _Item(pixels=pixels, future=loop.create_future(), enqueued=time.perf_counter(),
-                     slot=self)
+        item = _Item(
+            pixels=pixels, future=loop.create_future(), enqueued=time.perf_counter(), slot=self
+        )
         try:
             batcher._queue.put_nowait(item)
         except asyncio.QueueFull:

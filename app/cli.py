@@ -35,17 +35,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serve = commands.add_parser("serve", help=SERVE_HELP, description=SERVE_HELP)
-    serve.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"),
-                       help="interface to bind (default: $HOST or 127.0.0.1)")
-    serve.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")),
-                       help="port (default: $PORT or 8000)")
-    serve.add_argument("--model-dir", type=Path, default=None,
-                       help="model folder (default: $CXR_MODEL_DIR or models/default)")
-    serve.add_argument("--workers", type=int, default=1,
-                       help="server processes, each with its own ONNX session; on a CPU-only "
-                       "host one process using all cores is fastest (default: 1)")
-    serve.add_argument("--log-level", default=None,
-                       help="uvicorn log level (default: $CXR_LOG_LEVEL)")
+    serve.add_argument(
+        "--host",
+        default=os.environ.get("HOST", "127.0.0.1"),
+        help="interface to bind (default: $HOST or 127.0.0.1)",
+    )
+    serve.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("PORT", "8000")),
+        help="port (default: $PORT or 8000)",
+    )
+    serve.add_argument(
+        "--model-dir",
+        type=Path,
+        default=None,
+        help="model folder (default: $CXR_MODEL_DIR or models/default)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes, each with its own ONNX session; on a CPU-only "
+        "host one process using all cores is fastest (default: 1)",
+    )
+    serve.add_argument(
+        "--log-level", default=None, help="uvicorn log level (default: $CXR_LOG_LEVEL)"
+    )
     commands.add_parser("audit", help=AUDIT_HELP, add_help=False)
     for name, text in TRAINING_COMMANDS.items():
         commands.add_parser(name, help=text + " (needs the [train] extra)", add_help=False)

@@ -19,9 +19,7 @@ from app.card import InputSpec
 def _jet_lut() -> np.ndarray:
     """256x3 uint8 jet colormap (blue → cyan → yellow → red), the usual piecewise-linear form."""
     x = np.linspace(0.0, 1.0, 256)
-    rgb = np.stack(
-        [np.clip(1.5 - np.abs(4.0 * x - c), 0.0, 1.0) for c in (3.0, 2.0, 1.0)], axis=1
-    )
+    rgb = np.stack([np.clip(1.5 - np.abs(4.0 * x - c), 0.0, 1.0) for c in (3.0, 2.0, 1.0)], axis=1)
     return np.round(255.0 * rgb).astype(np.uint8)
 
 

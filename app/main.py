@@ -178,8 +178,11 @@ async def read_upload(request: Request) -> tuple[bytes, str | None]:
         async with request.form(max_files=1, max_fields=8) as form:
             upload = form.get("file")
             if not isinstance(upload, UploadFile):
-                raise Problem(422, "The multipart upload needs the image in a field named 'file'.",
-                              slug="missing-file")
+                raise Problem(
+                    422,
+                    "The multipart upload needs the image in a field named 'file'.",
+                    slug="missing-file",
+                )
             data = await upload.read()
             part_type = (upload.content_type or "").split(";")[0].strip().lower()
         hint = None if part_type in _SNIFF_MEDIA_TYPES else part_type
@@ -212,9 +215,12 @@ def score(card: ModelCard, logits: np.ndarray) -> tuple[list[Finding], Triage]:
         d_thr = card.thresholds.diagnosis[label].threshold
         findings.append(
             Finding(
-                label=label, probability=p,
-                screening_threshold=s_thr, diagnosis_threshold=d_thr,
-                screening_positive=p >= s_thr, diagnosis_positive=p >= d_thr,
+                label=label,
+                probability=p,
+                screening_threshold=s_thr,
+                diagnosis_threshold=d_thr,
+                screening_positive=p >= s_thr,
+                diagnosis_positive=p >= d_thr,
             )
         )
     pathologies = [f for f in findings if f.label != NO_FINDING]
@@ -251,9 +257,7 @@ async def predict(
     if audit is not None:
         audit.note_model(card.name, card.version)
     with batcher.admit() as slot:
-        prepared = await loop.run_in_executor(
-            pool, prepare, data, hint, card, settings.max_pixels
-        )
+        prepared = await loop.run_in_executor(pool, prepare, data, hint, card, settings.max_pixels)
         del data
         if audit is not None:
             audit.note_image(prepared.decoded.source, prepared.decoded.dicom)
@@ -273,7 +277,9 @@ async def predict(
     return PredictResponse(
         request_id=request_id_of(request),
         model=ModelRef(name=card.name, version=card.version),
-        dicom=None if uids is None else DicomUIDs(
+        dicom=None
+        if uids is None
+        else DicomUIDs(
             study_instance_uid=uids.study_instance_uid,
             series_instance_uid=uids.series_instance_uid,
             sop_instance_uid=uids.sop_instance_uid,
@@ -306,8 +312,10 @@ async def readyz(request: Request) -> Readiness:
     runtime, _, _ = _ready_parts(request)
     if not runtime.warmed_up:
         raise NotAccepting("The model is warming up.")
-    return Readiness(model=ModelRef(name=runtime.card.name, version=runtime.card.version),
-                     provider=runtime.provider)
+    return Readiness(
+        model=ModelRef(name=runtime.card.name, version=runtime.card.version),
+        provider=runtime.provider,
+    )
 
 
 async def metrics_endpoint(request: Request) -> Response:
@@ -436,25 +444,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     model_routes = APIRouter(dependencies=list(protected_dependencies(effective)))
     model_routes.add_api_route(
-        PREDICT_PATH, predict, methods=["POST"], response_model=PredictResponse,
+        PREDICT_PATH,
+        predict,
+        methods=["POST"],
+        response_model=PredictResponse,
         responses=problem_responses(400, 401, 413, 415, 422, 500, 503, 504),
-        openapi_extra=_PREDICT_OPENAPI, tags=["prediction"],
+        openapi_extra=_PREDICT_OPENAPI,
+        tags=["prediction"],
     )
     model_routes.add_api_route(
-        "/v1/model", model_info, methods=["GET"], response_model=ModelInfo,
-        responses=problem_responses(401, 503), tags=["model"],
+        "/v1/model",
+        model_info,
+        methods=["GET"],
+        response_model=ModelInfo,
+        responses=problem_responses(401, 503),
+        tags=["model"],
     )
     open_routes = APIRouter(tags=["operations"])
     open_routes.add_api_route("/healthz", healthz, methods=["GET"], response_model=Health)
     open_routes.add_api_route(
-        "/readyz", readyz, methods=["GET"], response_model=Readiness,
+        "/readyz",
+        readyz,
+        methods=["GET"],
+        response_model=Readiness,
         responses=problem_responses(503),
     )
     metrics_keyed = app.state.auth.enabled and effective.metrics_require_key
     open_routes.add_api_route(
-        "/metrics", metrics_endpoint, methods=["GET"], response_class=Response,
-        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus metrics"},
-                   **(problem_responses(401) if metrics_keyed else {})},
+        "/metrics",
+        metrics_endpoint,
+        methods=["GET"],
+        response_class=Response,
+        responses={
+            200: {"content": {"text/plain": {}}, "description": "Prometheus metrics"},
+            **(problem_responses(401) if metrics_keyed else {}),
+        },
         dependencies=[Depends(require_metrics_key)] if metrics_keyed else [],
     )
     app.include_router(model_routes)
@@ -464,8 +488,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(UploadLimitMiddleware, max_bytes=int(effective.max_upload_mb * MIB))
     app.add_middleware(DeadlineMiddleware, timeout_s=effective.request_timeout_s)
     app.add_middleware(DrainMiddleware, drain=app.state.drain, paths=(PREDICT_PATH,))
-    app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics,
-                       paths=frozenset({PREDICT_PATH}))
+    app.add_middleware(
+        RequestMetricsMiddleware, metrics=app.state.metrics, paths=frozenset({PREDICT_PATH})
+    )
     app.add_middleware(AuditMiddleware, audit=app.state.audit, paths=(PREDICT_PATH,))
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -252,7 +252,12 @@ class ModelRuntime:
         )
         logger.info(
             "model %s %s loaded from %s in %.2fs; provider %s (requested %s)",
-            card.name, card.version, model_dir, runtime.load_seconds, runtime.provider, wanted,
+            card.name,
+            card.version,
+            model_dir,
+            runtime.load_seconds,
+            runtime.provider,
+            wanted,
         )
         return runtime
 
@@ -275,9 +280,7 @@ class ModelRuntime:
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One session run: ``[N,3,H,W]`` float32 -> (logits ``[N,L]``, heatmap ``[N,h,w]``)."""
-        logits, heatmap = self.session.run(
-            [LOGITS_NAME, HEATMAP_NAME], {INPUT_NAME: batch}
-        )
+        logits, heatmap = self.session.run([LOGITS_NAME, HEATMAP_NAME], {INPUT_NAME: batch})
         with self._count_lock:
             self.run_count += 1
             self.image_count += len(batch)

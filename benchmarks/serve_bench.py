@@ -86,8 +86,12 @@ def build_vit_b16(folder: Path) -> Path:
         print("training.export not available: exporting with a stand-in heatmap")
         with torch.no_grad():
             torch.onnx.export(
-                stand_in_heatmap(model), (torch.zeros(2, 3, 224, 224),), str(onnx_path),
-                dynamo=False, input_names=["pixel_values"], output_names=["logits", "heatmap"],
+                stand_in_heatmap(model),
+                (torch.zeros(2, 3, 224, 224),),
+                str(onnx_path),
+                dynamo=False,
+                input_names=["pixel_values"],
+                output_names=["logits", "heatmap"],
                 dynamic_axes={"pixel_values": {0: "N"}, "logits": {0: "N"}, "heatmap": {0: "N"}},
                 opset_version=17,
             )
@@ -95,13 +99,19 @@ def build_vit_b16(folder: Path) -> Path:
     sha = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
     half = Threshold(threshold=0.5)
     ModelCard(
-        name="bench-vit-b16", version="random", created=datetime.now(timezone.utc),
-        architecture="vit_base_patch16_224", onnx_sha256=sha, labels=list(NIH_LABELS),
-        input=InputSpec(height=224, width=224, mean=(0.5,) * 3, std=(0.5,) * 3,
-                        interpolation="bicubic"),
+        name="bench-vit-b16",
+        version="random",
+        created=datetime.now(timezone.utc),
+        architecture="vit_base_patch16_224",
+        onnx_sha256=sha,
+        labels=list(NIH_LABELS),
+        input=InputSpec(
+            height=224, width=224, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic"
+        ),
         heatmap_method=method,
-        thresholds=Thresholds(screening=dict.fromkeys(NIH_LABELS, half),
-                              diagnosis=dict.fromkeys(NIH_LABELS, half)),
+        thresholds=Thresholds(
+            screening=dict.fromkeys(NIH_LABELS, half), diagnosis=dict.fromkeys(NIH_LABELS, half)
+        ),
         intended_use="Benchmarking only: random weights.",
     ).save(folder / "model_card.json")
     return folder
@@ -121,7 +131,7 @@ def stand_in_heatmap(model: object) -> object:
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             tokens = self.model.forward_features(x)
             logits = self.model.forward_head(tokens)
-            heat = tokens[:, self.model.num_prefix_tokens:].norm(dim=-1).reshape(-1, 14, 14)
+            heat = tokens[:, self.model.num_prefix_tokens :].norm(dim=-1).reshape(-1, 14, 14)
             return logits, heat / heat.amax(dim=(1, 2), keepdim=True).clamp_min(1e-6)
 
     return StandIn()
@@ -178,9 +188,24 @@ class Server:
         (REPO / "benchmarks" / "cache").mkdir(parents=True, exist_ok=True)
         self.log = open(REPO / "benchmarks" / "cache" / "serve_bench_server.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1",
-             "--port", str(self.port), "--model-dir", str(model_dir), "--log-level", "warning"],
-            cwd=REPO, env={**os.environ, **env}, stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--model-dir",
+                str(model_dir),
+                "--log-level",
+                "warning",
+            ],
+            cwd=REPO,
+            env={**os.environ, **env},
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
 
     def wait_ready(self, timeout_s: float = 300) -> None:
@@ -223,8 +248,13 @@ class Server:
         self.log.close()
 
 
-def request(port: int, method: str, path: str, body: bytes | None = None,
-            headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+def request(
+    port: int,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
         conn.request(method, path, body=body, headers=headers or {})
@@ -259,8 +289,9 @@ class Load:
         return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
 
 
-def run_load(server: Server, payloads: list[bytes], concurrency: int, seconds: float,
-             min_requests: int) -> Load:
+def run_load(
+    server: Server, payloads: list[bytes], concurrency: int, seconds: float, min_requests: int
+) -> Load:
     """Closed loop: ``concurrency`` clients, each on a keep-alive connection, post until the
     window ends (and at least ``min_requests`` in all); throughput over first send to last reply.
     """
@@ -280,8 +311,12 @@ def run_load(server: Server, payloads: list[bytes], concurrency: int, seconds: f
                     break
                 sent[0] += 1
             t0 = time.perf_counter()
-            conn.request("POST", "/predict", body=payloads[i % len(payloads)],
-                         headers={"Content-Type": "image/png"})
+            conn.request(
+                "POST",
+                "/predict",
+                body=payloads[i % len(payloads)],
+                headers={"Content-Type": "image/png"},
+            )
             resp = conn.getresponse()
             resp.read()
             t1 = time.perf_counter()
@@ -332,12 +367,15 @@ def decode_section(repeats: int) -> None:
         print(f"\n(c) decode timings skipped: benchmarks/decode_bench.py not usable ({exc})")
         return
     print("\n(c) decode time per image, median ms (benchmarks/decode_bench.py)")
-    print(f"  {'file':<44} {'format / transfer syntax':<40} {'size':>10} {'decode':>7} "
-          f"{'+prep':>7}")
+    print(
+        f"  {'file':<44} {'format / transfer syntax':<40} {'size':>10} {'decode':>7} {'+prep':>7}"
+    )
     for row in decode_timings(DATA_DIR, repeats=repeats):
         name = str(row["file"]) + (" (synthetic)" if row.get("synthetic") else "")
-        print(f"  {name[:44]:<44} {str(row['transfer_syntax'])[:40]:<40} {row['size']:>10} "
-              f"{row['decode_ms']:>7.1f} {row['decode_preprocess_ms']:>7.1f}")
+        print(
+            f"  {name[:44]:<44} {str(row['transfer_syntax'])[:40]:<40} {row['size']:>10} "
+            f"{row['decode_ms']:>7.1f} {row['decode_preprocess_ms']:>7.1f}"
+        )
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -348,14 +386,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="shorter windows and fewer rounds")
     p.add_argument("--model-dir", type=Path, help="benchmark this model folder instead of ViT-B/16")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the ViT-B/16 goes")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                   help="ORT intra-op threads, raw and service alike")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="ORT intra-op threads, raw and service alike",
+    )
     p.add_argument("--rounds", type=int, help="interleaved raw/service rounds (default 3, quick 2)")
     p.add_argument("--seconds", type=float, help="window per measurement (default 20, quick 8)")
     p.add_argument("--concurrency", default="1,8,16")
     p.add_argument("--images", type=int, default=16, help="distinct 1024 px PNGs to post")
-    p.add_argument("--server-env", action="append", default=[], metavar="CXR_X=V",
-                   help="extra environment for the server (repeatable), e.g. CXR_DECODE_WORKERS=1")
+    p.add_argument(
+        "--server-env",
+        action="append",
+        default=[],
+        metavar="CXR_X=V",
+        help="extra environment for the server (repeatable), e.g. CXR_DECODE_WORKERS=1",
+    )
     p.add_argument("--skip-decode", action="store_true")
     args = p.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 3)
@@ -373,18 +420,27 @@ def main(argv: list[str] | None = None) -> int:
     runtime.warm_up((1, 8))
     images = [to_model_input(decode_image(d).pixels, runtime.card.input) for d in payloads[:8]]
     raw = Raw(runtime, images)
-    print(f"model {runtime.card.name} ({runtime.card.architecture}) on {runtime.provider}, "
-          f"{args.threads} intra-op threads, {os.cpu_count()} CPUs, load avg "
-          f"{os.getloadavg()[0]:.1f}")
+    print(
+        f"model {runtime.card.name} ({runtime.card.architecture}) on {runtime.provider}, "
+        f"{args.threads} intra-op threads, {os.cpu_count()} CPUs, load avg "
+        f"{os.getloadavg()[0]:.1f}"
+    )
 
     # (a) sweep batch sizes once, then re-measure the best one and batch-1 latency in each round.
     per_batch = {bs: raw.throughput(bs, seconds / 2) for bs in (1, 2, 4, 8)}
     best_bs = max(per_batch, key=lambda k: per_batch[k])
-    print("\n(a) raw ONNX Runtime throughput by batch size (img/s): "
-          + ", ".join(f"{bs}: {v:.2f}" for bs, v in per_batch.items()) + f"  -> best {best_bs}")
+    print(
+        "\n(a) raw ONNX Runtime throughput by batch size (img/s): "
+        + ", ".join(f"{bs}: {v:.2f}" for bs, v in per_batch.items())
+        + f"  -> best {best_bs}"
+    )
 
-    env = {"CXR_INTRA_OP_THREADS": str(args.threads), "CXR_AUDIT_DB": "",
-           "CXR_API_KEYS": "", "CXR_LOG_LEVEL": "WARNING"}
+    env = {
+        "CXR_INTRA_OP_THREADS": str(args.threads),
+        "CXR_AUDIT_DB": "",
+        "CXR_API_KEYS": "",
+        "CXR_LOG_LEVEL": "WARNING",
+    }
     env.update(dict(kv.split("=", 1) for kv in args.server_env))
     queue_limit = int(env.get("CXR_MAX_QUEUE_SIZE", Settings().max_queue_size))
     server = Server(folder, env)
@@ -399,44 +455,66 @@ def main(argv: list[str] | None = None) -> int:
             raw_thr.append(raw.throughput(best_bs, seconds))
             for c in levels:
                 loads[c].append(run_load(server, payloads, c, seconds, min_requests=2 * c))
-            print(f"  round {r + 1}/{rounds}: raw b1 p50 {np.median(raw_lat[-1]):.1f} ms, raw "
-                  f"best {raw_thr[-1]:.2f} img/s; " + "; ".join(
-                      f"c={c} {loads[c][-1].throughput:.2f} img/s p50 {loads[c][-1].pct(50):.0f} ms"
-                      for c in levels))
+            print(
+                f"  round {r + 1}/{rounds}: raw b1 p50 {np.median(raw_lat[-1]):.1f} ms, raw "
+                f"best {raw_thr[-1]:.2f} img/s; "
+                + "; ".join(
+                    f"c={c} {loads[c][-1].throughput:.2f} img/s p50 {loads[c][-1].pct(50):.0f} ms"
+                    for c in levels
+                )
+            )
     finally:
         server.close()
 
     raw_p50 = float(np.median([x for lat in raw_lat for x in lat]))
     raw_best = float(np.mean(raw_thr))
     raw_cpu = float(np.median(raw.cpu_ms_per_image[-rounds:]))
-    print(f"\n(a) raw ORT: batch-1 latency p50 {raw_p50:.1f} ms; best batch {best_bs}: "
-          f"{raw_best:.2f} img/s (mean of {rounds} windows); CPU {raw_cpu:.0f} ms per image")
+    print(
+        f"\n(a) raw ORT: batch-1 latency p50 {raw_p50:.1f} ms; best batch {best_bs}: "
+        f"{raw_best:.2f} img/s (mean of {rounds} windows); CPU {raw_cpu:.0f} ms per image"
+    )
     print("\n(b) service over HTTP (raw image/png bodies, 1024 px NIH PNGs)")
-    print(f"  {'conc':>4} {'req':>5} {'p50 ms':>8} {'p95 ms':>8} {'img/s':>7} {'x raw':>6} "
-          f"{'503s':>5} {'other':>5} {'mean batch':>10} {'CPU ms/img':>10} {'raw/CPU':>7}")
+    print(
+        f"  {'conc':>4} {'req':>5} {'p50 ms':>8} {'p95 ms':>8} {'img/s':>7} {'x raw':>6} "
+        f"{'503s':>5} {'other':>5} {'mean batch':>10} {'CPU ms/img':>10} {'raw/CPU':>7}"
+    )
     for c in levels:
         m = merge(loads[c])
         other = sum(v for k, v in m.statuses.items() if k not in (200, 503))
-        print(f"  {c:>4} {sum(m.statuses.values()):>5} {m.pct(50):>8.1f} {m.pct(95):>8.1f} "
-              f"{m.throughput:>7.2f} {m.throughput / raw_best:>6.3f} {m.statuses.get(503, 0):>5} "
-              f"{other:>5} {m.mean_batch:>10.2f} {m.cpu_ms_per_image:>10.0f} "
-              f"{raw_cpu / m.cpu_ms_per_image:>7.3f}")
+        print(
+            f"  {c:>4} {sum(m.statuses.values()):>5} {m.pct(50):>8.1f} {m.pct(95):>8.1f} "
+            f"{m.throughput:>7.2f} {m.throughput / raw_best:>6.3f} {m.statuses.get(503, 0):>5} "
+            f"{other:>5} {m.mean_batch:>10.2f} {m.cpu_ms_per_image:>10.0f} "
+            f"{raw_cpu / m.cpu_ms_per_image:>7.3f}"
+        )
 
     verdicts: list[tuple[str, bool]] = []
     if 8 in loads:
         pooled = merge(loads[8]).throughput / raw_best
         per_round = statistics.median(
-            ld.throughput / t for ld, t in zip(loads[8], raw_thr, strict=True))
+            ld.throughput / t for ld, t in zip(loads[8], raw_thr, strict=True)
+        )
         ok = per_round >= THROUGHPUT_TARGET
-        verdicts.append((f"throughput c=8 / raw best = {pooled:.3f} pooled, {per_round:.3f} "
-                         f"median per round (target >= {THROUGHPUT_TARGET})", ok))
+        verdicts.append(
+            (
+                f"throughput c=8 / raw best = {pooled:.3f} pooled, {per_round:.3f} "
+                f"median per round (target >= {THROUGHPUT_TARGET})",
+                ok,
+            )
+        )
     if 1 in loads:
         p50 = merge(loads[1]).pct(50)
         per_round = statistics.median(
-            ld.pct(50) - float(np.median(lat)) for ld, lat in zip(loads[1], raw_lat, strict=True))
-        verdicts.append((f"p50 c=1 - raw batch-1 p50 = {p50 - raw_p50:+.1f} ms pooled, "
-                         f"{per_round:+.1f} ms median per round (target <= "
-                         f"+{LATENCY_BUDGET_MS:.0f} ms)", per_round <= LATENCY_BUDGET_MS))
+            ld.pct(50) - float(np.median(lat)) for ld, lat in zip(loads[1], raw_lat, strict=True)
+        )
+        verdicts.append(
+            (
+                f"p50 c=1 - raw batch-1 p50 = {p50 - raw_p50:+.1f} ms pooled, "
+                f"{per_round:+.1f} ms median per round (target <= "
+                f"+{LATENCY_BUDGET_MS:.0f} ms)",
+                per_round <= LATENCY_BUDGET_MS,
+            )
+        )
     shed = sum(merge(loads[c]).statuses.get(503, 0) for c in levels if c < queue_limit)
     verdicts.append((f"503s below the queue limit ({queue_limit}): {shed}", shed == 0))
     print("\ntargets")
@@ -446,13 +524,24 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.skip_decode:
         decode_section(repeats=3 if args.quick else 10)
-    print("\nresult json: " + json.dumps({
-        "raw_b1_p50_ms": round(raw_p50, 1), "raw_best_img_s": round(raw_best, 3),
-        "best_batch": best_bs,
-        **{f"c{c}": {"p50_ms": round(merge(loads[c]).pct(50), 1),
-                     "p95_ms": round(merge(loads[c]).pct(95), 1),
-                     "img_s": round(merge(loads[c]).throughput, 3)} for c in levels},
-    }))
+    print(
+        "\nresult json: "
+        + json.dumps(
+            {
+                "raw_b1_p50_ms": round(raw_p50, 1),
+                "raw_best_img_s": round(raw_best, 3),
+                "best_batch": best_bs,
+                **{
+                    f"c{c}": {
+                        "p50_ms": round(merge(loads[c]).pct(50), 1),
+                        "p95_ms": round(merge(loads[c]).pct(95), 1),
+                        "img_s": round(merge(loads[c]).throughput, 3),
+                    }
+                    for c in levels
+                },
+            }
+        )
+    )
     return 0
 
 

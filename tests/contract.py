@@ -10,7 +10,14 @@ from app.card import ModelCard
 from app.labels import NO_FINDING
 
 TOP_LEVEL_KEYS = {
-    "request_id", "model", "dicom", "findings", "triage", "heatmap", "warnings", "timing_ms",
+    "request_id",
+    "model",
+    "dicom",
+    "findings",
+    "triage",
+    "heatmap",
+    "warnings",
+    "timing_ms",
 }
 PROBLEM_KEYS = {"type", "title", "status", "detail"}
 BROKEN_DICOM = "pylibjpegdata__966.dcm"

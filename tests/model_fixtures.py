@@ -122,7 +122,10 @@ def tiny_card(
         onnx_sha256=onnx_sha256,
         labels=list(labels),
         input=InputSpec(
-            height=height, width=width, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+            height=height,
+            width=width,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.25, 0.25, 0.25),
             interpolation="bilinear",
         ),
         heatmap_method="cam",
@@ -138,9 +141,7 @@ def write_model_folder(folder: Path, model: onnx.ModelProto, card: ModelCard | N
     data = model.SerializeToString()
     (folder / "model.onnx").write_bytes(data)
     sha = hashlib.sha256(data).hexdigest()
-    card = (
-        tiny_card(sha) if card is None else card.model_copy(update={"onnx_sha256": sha})
-    )
+    card = tiny_card(sha) if card is None else card.model_copy(update={"onnx_sha256": sha})
     card.save(folder / "model_card.json")
     return folder
 

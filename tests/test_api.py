@@ -34,8 +34,12 @@ from tests.contract import BROKEN_DICOM, PROBLEM_KEYS, assert_contract, chest_di
 
 def _settings(model_dir: Path, **overrides: object) -> Settings:
     base: dict[str, object] = {
-        "model_dir": model_dir, "intra_op_threads": 1, "decode_workers": 2, "audit_db": None,
-        "api_keys": None, "log_json": False,
+        "model_dir": model_dir,
+        "intra_op_threads": 1,
+        "decode_workers": 2,
+        "audit_db": None,
+        "api_keys": None,
+        "log_json": False,
     }
     return Settings(**{**base, **overrides})  # type: ignore[arg-type]
 
@@ -96,9 +100,12 @@ def test_png_multipart_contract(client, card, reference, png_1024) -> None:
 
 def test_different_images_get_different_answers(client, png_1024) -> None:
     probs = [
-        [f["probability"] for f in client.post(
-            "/predict", content=p.read_bytes(), headers={"content-type": "image/png"}
-        ).json()["findings"]]
+        [
+            f["probability"]
+            for f in client.post(
+                "/predict", content=p.read_bytes(), headers={"content-type": "image/png"}
+            ).json()["findings"]
+        ]
         for p in png_1024[:2]
     ]
     assert probs[0] != probs[1]
@@ -149,7 +156,8 @@ def test_heatmap_grid_and_overlay(client, card, reference, png_1024) -> None:
 
 def test_heatmap_false_is_null(client, png_1024) -> None:
     r = client.post(
-        "/predict?heatmap=false", content=png_1024[0].read_bytes(),
+        "/predict?heatmap=false",
+        content=png_1024[0].read_bytes(),
         headers={"content-type": "image/png"},
     )
     assert r.status_code == 200
@@ -188,8 +196,12 @@ def test_unsupported_types_are_415(client) -> None:
         client.post("/predict", content=b"hello", headers={"content-type": "text/plain"}), 415
     )
     assert "text/plain" in body["detail"]
-    assert_problem(client.post("/predict", content=b"%PDF-1.4 ...", headers={
-        "content-type": "application/pdf"}), 415)
+    assert_problem(
+        client.post(
+            "/predict", content=b"%PDF-1.4 ...", headers={"content-type": "application/pdf"}
+        ),
+        415,
+    )
     pdf = {"file": ("a.pdf", b"%PDF-1.4", "application/pdf")}
     assert_problem(client.post("/predict", files=pdf), 415)
 
@@ -199,15 +211,20 @@ def test_bad_uploads_are_4xx_and_harmless(client, card, reference, dicom_dir, pn
     for r in (
         client.post("/predict", files={"file": (BROKEN_DICOM, broken, "application/dicom")}),
         client.post("/predict", content=broken, headers={"content-type": "application/dicom"}),
-        client.post("/predict", content=b"\x89PNG\r\n\x1a\n" + b"\0" * 50,
-                    headers={"content-type": "image/png"}),
+        client.post(
+            "/predict",
+            content=b"\x89PNG\r\n\x1a\n" + b"\0" * 50,
+            headers={"content-type": "image/png"},
+        ),
     ):
         assert 400 <= r.status_code < 500, r.text
         assert_problem(r, r.status_code)
     assert_problem(client.post("/predict", content=b"", headers={"content-type": "image/png"}), 400)
     assert_problem(client.post("/predict", files={"other": ("x.png", b"x", "image/png")}), 422)
-    assert_problem(client.post("/predict?heatmap=maybe", content=b"x",
-                               headers={"content-type": "image/png"}), 422)
+    assert_problem(
+        client.post("/predict?heatmap=maybe", content=b"x", headers={"content-type": "image/png"}),
+        422,
+    )
     # ... and the next request is served normally.
     data = png_1024[0].read_bytes()
     r = client.post("/predict", content=data, headers={"content-type": "image/png"})
@@ -222,15 +239,20 @@ def test_unknown_route_and_method_are_problems(client) -> None:
 
 def test_request_id_header(client, png_1024) -> None:
     data = png_1024[0].read_bytes()
-    r = client.post("/predict", content=data,
-                    headers={"content-type": "image/png", "x-request-id": "pacs-42.a"})
+    r = client.post(
+        "/predict", content=data, headers={"content-type": "image/png", "x-request-id": "pacs-42.a"}
+    )
     assert r.headers["x-request-id"] == "pacs-42.a" == r.json()["request_id"]
-    r = client.post("/predict", content=data,
-                    headers={"content-type": "image/png", "x-request-id": "bad id\t<script>"})
+    r = client.post(
+        "/predict",
+        content=data,
+        headers={"content-type": "image/png", "x-request-id": "bad id\t<script>"},
+    )
     assert r.headers["x-request-id"] == r.json()["request_id"]
     assert r.json()["request_id"] != "bad id\t<script>"
-    r = client.post("/predict", content=b"x", headers={"content-type": "text/plain",
-                                                       "x-request-id": "err-1"})
+    r = client.post(
+        "/predict", content=b"x", headers={"content-type": "text/plain", "x-request-id": "err-1"}
+    )
     assert r.headers["x-request-id"] == "err-1" == r.json()["request_id"]
 
 
@@ -260,8 +282,12 @@ def _metric(text: str, sample: str, **labels: str) -> float:
 def test_metrics_names_and_counters(client, card, png_1024) -> None:
     before = client.get("/metrics").text
     for name in (
-        "cxr_requests_total", "cxr_request_duration_seconds", "cxr_batch_size",
-        "cxr_queue_depth", "cxr_inference_duration_seconds", "cxr_decode_duration_seconds",
+        "cxr_requests_total",
+        "cxr_request_duration_seconds",
+        "cxr_batch_size",
+        "cxr_queue_depth",
+        "cxr_inference_duration_seconds",
+        "cxr_decode_duration_seconds",
         "cxr_model_info",
     ):
         assert f"# TYPE {name} " in before, name
@@ -270,13 +296,18 @@ def test_metrics_names_and_counters(client, card, png_1024) -> None:
     client.post("/predict", content=b"x", headers={"content-type": "text/plain"})
     after = client.get("/metrics").text
     for status in ("200", "415"):
-        assert _metric(after, "cxr_requests_total", status=status) == _metric(
-            before, "cxr_requests_total", status=status) + 1
-    assert _metric(after, "cxr_request_duration_seconds_count") == _metric(
-        before, "cxr_request_duration_seconds_count") + 2
+        assert (
+            _metric(after, "cxr_requests_total", status=status)
+            == _metric(before, "cxr_requests_total", status=status) + 1
+        )
+    assert (
+        _metric(after, "cxr_request_duration_seconds_count")
+        == _metric(before, "cxr_request_duration_seconds_count") + 2
+    )
     assert _metric(after, "cxr_batch_size_count") == _metric(before, "cxr_batch_size_count") + 1
     assert _metric(after, "cxr_decode_duration_seconds_count") > _metric(
-        before, "cxr_decode_duration_seconds_count")
+        before, "cxr_decode_duration_seconds_count"
+    )
 
 
 def test_model_endpoint(client, card, reference, png_1024) -> None:
@@ -296,7 +327,8 @@ def test_openapi_documents_examples_and_problems(client) -> None:
     spec = client.get("/openapi.json").json()
     predict = spec["paths"]["/predict"]["post"]
     assert {"multipart/form-data", "image/png", "image/jpeg", "application/dicom"} <= set(
-        predict["requestBody"]["content"])
+        predict["requestBody"]["content"]
+    )
     for status in ("400", "413", "415", "422", "503"):
         assert "application/problem+json" in predict["responses"][status]["content"]
     schemas = spec["components"]["schemas"]
@@ -309,10 +341,12 @@ async def _concurrent_posts(app, payloads: list[bytes]) -> list[httpx.Response]:
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as ac:
-            return await asyncio.gather(*(
-                ac.post("/predict", content=p, headers={"content-type": "image/png"})
-                for p in payloads
-            ))
+            return await asyncio.gather(
+                *(
+                    ac.post("/predict", content=p, headers={"content-type": "image/png"})
+                    for p in payloads
+                )
+            )
 
 
 def test_concurrent_requests_share_session_runs(tiny_model_dir, nih_dir) -> None:
@@ -331,10 +365,12 @@ def test_concurrent_requests_share_session_runs(tiny_model_dir, nih_dir) -> None
     # Batching must not mix answers up: same image alone gives the same probabilities.
     with TestClient(create_app(_settings(tiny_model_dir))) as single:
         for payload, r in zip(payloads[:3], responses[:3], strict=True):
-            alone = single.post("/predict", content=payload,
-                                headers={"content-type": "image/png"}).json()
+            alone = single.post(
+                "/predict", content=payload, headers={"content-type": "image/png"}
+            ).json()
             assert [f["probability"] for f in alone["findings"]] == pytest.approx(
-                [f["probability"] for f in r.json()["findings"]], abs=1e-6)
+                [f["probability"] for f in r.json()["findings"]], abs=1e-6
+            )
 
 
 def test_cli_help_lists_commands_without_torch() -> None:
@@ -353,7 +389,9 @@ def test_cli_help_lists_commands_without_torch() -> None:
 def test_cli_serve_fails_fast_without_model(tmp_path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "app.cli", "serve", "--model-dir", str(tmp_path / "none")],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode != 0
     assert "No model folder" in out.stderr
@@ -362,6 +400,9 @@ def test_cli_serve_fails_fast_without_model(tmp_path) -> None:
 
 
 def test_json_has_no_nan(client, png_1024) -> None:
-    r = client.post("/predict?heatmap=true", content=png_1024[2].read_bytes(),
-                    headers={"content-type": "image/png"})
+    r = client.post(
+        "/predict?heatmap=true",
+        content=png_1024[2].read_bytes(),
+        headers={"content-type": "image/png"},
+    )
     json.loads(r.text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))

@@ -166,8 +166,9 @@ def test_images_that_cannot_be_stacked_fail_their_batch_only(runtime) -> None:
 
     async def body(b: MicroBatcher) -> BatchResult:
         odd = np.zeros((3, 8, 8), np.float32)
-        results = await asyncio.gather(b.submit(images(1)[0]), b.submit(odd),
-                                       return_exceptions=True)
+        results = await asyncio.gather(
+            b.submit(images(1)[0]), b.submit(odd), return_exceptions=True
+        )
         assert all(isinstance(r, InferenceFailed) for r in results)
         assert b.accepting
         return await b.submit(images(1)[0])
