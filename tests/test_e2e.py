@@ -33,7 +33,7 @@ from tests.live_server import LiveServer, start_server
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO_ROOT / "models" / "default"
 # The same radiographs exist at 1024 px (nih-1024) and at 64 px (nih-64) in the shared data.
-SAME_IMAGE = ("00000075_000.png", "00000100_000.png", "00000211_000.png")
+SAME_IMAGE = ("00000075_000.png", "00000100_000.png", "00000129_000.png", "00000211_000.png")
 
 Reference = Callable[[bytes], tuple[np.ndarray, np.ndarray]]
 
@@ -177,20 +177,22 @@ def test_broken_dicom_is_a_problem_and_harmless(http, card, reference, dicom_dir
 def test_one_radiograph_at_1024_and_64_px_scores_alike(http, nih_dir) -> None:
     """The model sees 64 px, the size the 64 px subset was made at, so source size barely matters.
 
-    This is why the default model's input is 64 px (docs/model-comparison.md); different
-    radiographs, by contrast, get clearly different answers.
+    This is why the default model's input is 64 px (docs/model-comparison.md): each 64 px copy
+    gets nearly its original's answer (mean |difference| over the labels), and is told apart
+    from the other radiographs.
     """
     answers = {}
-    for name in SAME_IMAGE:
-        for subset in ("nih-1024", "nih-64"):
+    for subset in ("nih-1024", "nih-64"):
+        for name in SAME_IMAGE:
             data = (nih_dir / "images" / subset / name).read_bytes()
             r = http.post("/predict", content=data, headers={"Content-Type": "image/png"})
             assert r.status_code == 200, r.text
             answers[subset, name] = np.array([f["probability"] for f in r.json()["findings"]])
-    for name in SAME_IMAGE:
-        assert np.abs(answers["nih-1024", name] - answers["nih-64", name]).max() < 0.05, name
-    first, second = (answers["nih-1024", n] for n in SAME_IMAGE[:2])
-    assert np.abs(first - second).max() > 0.05
+    large = np.stack([answers["nih-1024", name] for name in SAME_IMAGE])
+    small = np.stack([answers["nih-64", name] for name in SAME_IMAGE])
+    distance = np.abs(large[:, None, :] - small[None, :, :]).mean(axis=-1)
+    assert (np.diag(distance) < 0.03).all(), distance
+    assert (distance.argmin(axis=0) == np.arange(len(SAME_IMAGE))).all(), distance
 
 
 def test_metrics_name_the_default_model(http, card) -> None:
