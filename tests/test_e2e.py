@@ -51,9 +51,7 @@ def card(model_dir: Path) -> ModelCard:
 
 
 @pytest.fixture(scope="module")
-def server(
-    model_dir: Path, nih_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LiveServer]:
+def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     live = start_server(model_dir, tmp_path_factory.mktemp("e2e"))
     yield live
     live.stop()
