@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pydicom
 
 from app.card import ModelCard
 from app.labels import NO_FINDING
@@ -19,6 +20,16 @@ TOP_LEVEL_KEYS = {
     "warnings",
     "timing_ms",
 }
+# DESIGN.md's Prometheus names.
+DESIGN_METRICS = (
+    "cxr_requests_total",
+    "cxr_request_duration_seconds",
+    "cxr_batch_size",
+    "cxr_queue_depth",
+    "cxr_inference_duration_seconds",
+    "cxr_decode_duration_seconds",
+    "cxr_model_info",
+)
 PROBLEM_KEYS = {"type", "title", "status", "detail"}
 BROKEN_DICOM = "pylibjpegdata__966.dcm"
 
@@ -52,3 +63,19 @@ def assert_contract(body: dict, card: ModelCard, probabilities: np.ndarray) -> N
     assert set(body["timing_ms"]) == {"decode", "queue", "inference", "total"}
     assert all(v >= 0 for v in body["timing_ms"].values())
     assert body["timing_ms"]["total"] >= body["timing_ms"]["decode"]
+
+
+def assert_dicom_uids(body: dict, path: Path, response_text: str) -> None:
+    """The response names the file's study/series/SOP instance UIDs and no patient field."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    assert body["dicom"] == {
+        "study_instance_uid": ds.StudyInstanceUID,
+        "series_instance_uid": ds.SeriesInstanceUID,
+        "sop_instance_uid": ds.SOPInstanceUID,
+    }
+    text = response_text.lower()
+    assert "patient" not in text
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientAddress"):
+        value = str(ds.get(keyword, "") or "").strip()
+        if len(value) >= 3:
+            assert value.lower() not in text, (path.name, keyword)

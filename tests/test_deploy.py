@@ -20,20 +20,13 @@ import pytest
 import yaml
 
 from app.settings import Settings
+from tests.contract import DESIGN_METRICS
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"
 MONITORING = REPO / "deploy" / "monitoring"
 K8S_VERSIONS = ("1.28.0", "1.35.0")  # an older supported release and a recent one
-METRICS = (
-    "cxr_requests_total",
-    "cxr_request_duration_seconds",
-    "cxr_batch_size",
-    "cxr_queue_depth",
-    "cxr_inference_duration_seconds",
-    "cxr_decode_duration_seconds",
-    "cxr_model_info",
-)
+METRICS = DESIGN_METRICS
 SETTINGS_ENV = {f"CXR_{name.upper()}" for name in Settings.model_fields}
 
 
