@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def serve(args: argparse.Namespace) -> int:
     """Check the model folder, then hand over to uvicorn with the app factory."""
-    from app.runtime import ModelLoadError, check_model_folder
+    from app.inference.runtime import ModelLoadError, check_model_folder
     from app.settings import Settings
 
     if args.model_dir is not None:
@@ -121,7 +121,7 @@ def run_training_command(argv: list[str]) -> int:
 
 
 def run_audit(argv: list[str]) -> int:
-    from app.audit import main as audit_main
+    from app.ops.audit import main as audit_main
 
     return int(audit_main(argv) or 0)
 

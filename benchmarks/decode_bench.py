@@ -110,8 +110,8 @@ def decode_timings(data_dir: str | Path, repeats: int = 10) -> list[dict[str, An
     import pydicom
 
     from app.card import InputSpec
-    from app.decode import decode_image
-    from app.preprocess import to_model_input
+    from app.imaging.decode import decode_image
+    from app.imaging.preprocess import to_model_input
 
     spec = InputSpec(height=224, width=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
     data_dir = Path(data_dir)

@@ -44,10 +44,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from app.card import InputSpec, ModelCard, Threshold, Thresholds  # noqa: E402
-from app.decode import decode_image  # noqa: E402
+from app.imaging.decode import decode_image  # noqa: E402
+from app.imaging.preprocess import to_model_input  # noqa: E402
+from app.inference.runtime import ModelRuntime  # noqa: E402
 from app.labels import NIH_LABELS  # noqa: E402
-from app.preprocess import to_model_input  # noqa: E402
-from app.runtime import ModelRuntime  # noqa: E402
 from app.settings import Settings  # noqa: E402
 
 DEFAULT_CACHE = REPO / "benchmarks" / "cache" / "vit_b16"

@@ -24,9 +24,9 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.card import ModelCard
-from app.decode import decode_image
+from app.imaging.decode import decode_image
+from app.imaging.preprocess import to_model_input
 from app.main import create_app
-from app.preprocess import to_model_input
 from app.settings import DEFAULT_MODEL_DIR, Settings
 from tests.contract import (
     BROKEN_DICOM,

@@ -17,9 +17,17 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from app.audit import COLUMNS, AuditEntry, AuditLog, AuditMiddleware, entry_for, main, parse_when
-from app.logs import RequestIdMiddleware
-from app.problems import Problem
+from app.api.problems import Problem
+from app.ops.audit import (
+    COLUMNS,
+    AuditEntry,
+    AuditLog,
+    AuditMiddleware,
+    entry_for,
+    main,
+    parse_when,
+)
+from app.ops.logs import RequestIdMiddleware
 
 
 def rows(db: Path, where: str = "") -> list[sqlite3.Row]:

@@ -12,9 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.batcher import BatchResult, InferenceFailed, MicroBatcher, NotAccepting, QueueFull
-from app.metrics import Metrics
-from app.runtime import ModelRuntime
+from app.inference.batcher import (
+    BatchResult,
+    InferenceFailed,
+    MicroBatcher,
+    NotAccepting,
+    QueueFull,
+)
+from app.inference.runtime import ModelRuntime
+from app.ops.metrics import Metrics
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,8 @@ from pydicom.uid import (
 )
 
 from app.card import InputSpec
-from app.decode import DecodedImage, DecodeError, apply_window, decode_image
-from app.preprocess import resize_gray, to_model_input
+from app.imaging.decode import DecodedImage, DecodeError, apply_window, decode_image
+from app.imaging.preprocess import resize_gray, to_model_input
 
 BROKEN_DICOMS = {"pylibjpegdata__966.dcm", "pylibjpegdata__RG2_JPLY.dcm"}
 PATIENT_NAME = "Doe^Jane"

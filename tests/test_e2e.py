@@ -23,9 +23,9 @@ import pytest
 from PIL import Image
 
 from app.card import ModelCard
-from app.decode import decode_image
+from app.imaging.decode import decode_image
+from app.imaging.preprocess import to_model_input
 from app.labels import PATHOLOGIES
-from app.preprocess import to_model_input
 from tests.contract import BROKEN_DICOM, assert_contract, assert_dicom_uids, chest_dicoms
 from tests.live_server import LiveServer, start_server
 

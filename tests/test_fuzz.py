@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, RLELossless
 
-from app.decode import DecodedImage, DecodeError, decode_image
+from app.imaging.decode import DecodedImage, DecodeError, decode_image
 
 # pydicom warns its way through broken files before the decoder refuses them: expected here.
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:pydicom")

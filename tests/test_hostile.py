@@ -26,9 +26,9 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from app.limits import MIB
+from app.api.limits import MIB
+from app.api.problems import PROBLEM_MEDIA_TYPE
 from app.main import create_app
-from app.problems import PROBLEM_MEDIA_TYPE
 from app.settings import Settings
 
 # PIL warns on its way to refusing the 10000x10000 PNG header; the refusal is what is tested.

@@ -21,8 +21,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.limits import MIB
-from app.problems import PROBLEM_MEDIA_TYPE
+from app.api.limits import MIB
+from app.api.problems import PROBLEM_MEDIA_TYPE
 from tests.live_server import LiveServer, rss_bytes, start_server
 
 pytestmark = pytest.mark.slow

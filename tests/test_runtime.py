@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from app.card import ModelCard
-from app.runtime import (
+from app.inference.runtime import (
     CPU,
     CUDA,
     ModelLoadError,

@@ -21,16 +21,16 @@ import pytest
 from fastapi import Depends, FastAPI, Request
 from fastapi.testclient import TestClient
 
-from app.limits import MIB, DeadlineMiddleware, Drain, DrainMiddleware, UploadLimitMiddleware
-from app.logs import JsonFormatter, RequestIdMiddleware, configure_logging, is_patient_field
-from app.problems import PROBLEM_MEDIA_TYPE, Problem
-from app.security import (
+from app.api.limits import MIB, DeadlineMiddleware, Drain, DrainMiddleware, UploadLimitMiddleware
+from app.api.problems import PROBLEM_MEDIA_TYPE, Problem
+from app.api.security import (
     ApiKeyAuth,
     ApiKeyConfigError,
     parse_api_keys,
     require_api_key,
     require_metrics_key,
 )
+from app.ops.logs import JsonFormatter, RequestIdMiddleware, configure_logging, is_patient_field
 from app.settings import Settings
 
 KEY_A = "k-alpha-0123456789abcdef"

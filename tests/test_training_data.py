@@ -112,8 +112,8 @@ def test_csv_without_patient_column_uses_nih_names(tmp_path: Path, nih_dir: Path
 
 
 def test_cache_matches_the_serving_resize(tmp_path: Path, shared_labels: pd.DataFrame) -> None:
-    from app.decode import decode_image
-    from app.preprocess import resize_gray
+    from app.imaging.decode import decode_image
+    from app.imaging.preprocess import resize_gray
     from training.cache import build_cache, open_cache
 
     rows = pd.concat(
@@ -141,8 +141,8 @@ def test_normalizer_matches_serving_preprocessing(nih_dir: Path) -> None:
     import torch
 
     from app.card import InputSpec
-    from app.decode import decode_image
-    from app.preprocess import resize_gray, to_model_input
+    from app.imaging.decode import decode_image
+    from app.imaging.preprocess import resize_gray, to_model_input
     from training.augment import Normalizer
 
     spec = InputSpec(height=64, width=64, mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.3))

@@ -167,9 +167,9 @@ def test_evaluate_writes_metrics_roc_and_val_thresholds(vit_run: Path) -> None:
 def _check_model_folder(model_dir: Path, run: Path, grid: tuple[int, int], method: str) -> None:
     import onnxruntime as ort
 
-    from app.decode import decode_image
-    from app.preprocess import to_model_input
-    from app.runtime import ModelRuntime
+    from app.imaging.decode import decode_image
+    from app.imaging.preprocess import to_model_input
+    from app.inference.runtime import ModelRuntime
 
     card = ModelCard.load(model_dir / "model_card.json")
     assert card.heatmap_method == method

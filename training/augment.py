@@ -62,7 +62,7 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> 
 
 
 class Normalizer:
-    """uint8 [B, 1, H, W] -> float [B, 3, H, W] normalised like ``app.preprocess.to_model_input``.
+    """uint8 [B, 1, H, W] -> float [B, 3, H, W], normalised as ``to_model_input`` does in serving.
 
     Serving replicates the grayscale image to three channels and applies ``(x - mean) / std`` with
     the card's values; doing the same here (after augmentation) keeps train and serve identical.

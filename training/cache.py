@@ -1,8 +1,9 @@
 """Decode every image once into a uint8 array on disk, so epochs never touch PNG decoding.
 
 Decoding 112k 1024x1024 PNGs costs far more than a ViT-B/16 epoch on a GPU, so ``cxr-triage
-cache`` does it once with the service's own decoder and resizer (``app.decode.decode_image`` then
-``app.preprocess.resize_gray``, exactly what serving does before normalising) and stores the result:
+cache`` does it once with the service's own decoder and resizer
+(``app.imaging.decode.decode_image`` then ``app.imaging.preprocess.resize_gray``, exactly what
+serving does before normalising) and stores the result:
 
     CACHE/images.npy   uint8 [N, H, W] (a .npy memmap: np.load(mmap_mode="r"))
     CACHE/index.csv    the label table (file, patient_id, official_split, labels) + ``row``
@@ -52,8 +53,8 @@ class Cache:
 
 def load_image(path: str, size: int, interpolation: str) -> np.ndarray:
     """Decode and resize one file exactly as serving does, then quantise to uint8."""
-    from app.decode import decode_image
-    from app.preprocess import resize_gray
+    from app.imaging.decode import decode_image
+    from app.imaging.preprocess import resize_gray
 
     data = Path(path).read_bytes()
     pixels = decode_image(data).pixels

@@ -2,7 +2,7 @@
 
 The format is sniffed from the bytes (PNG, JPEG, DICOM Part 10, or a raw DICOM dataset without
 preamble and file meta); a declared content type is only a hint. Every failure, whatever the
-bytes, surfaces as :class:`DecodeError` (a :class:`~app.problems.Problem`, so a 4xx
+bytes, surfaces as :class:`DecodeError` (a :class:`~app.api.problems.Problem`, so a 4xx
 problem+json), never as another exception.
 
 DICOM display mapping, in the standard's order: the modality LUT (Modality LUT Sequence or
@@ -43,7 +43,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from app.problems import Problem
+from app.api.problems import Problem
 
 # pydicom's value validation warns with the offending value quoted, and a bad value may sit in a
 # patient field; the service never validates on read, so nothing of a file's values reaches logs.

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.metrics import Metrics
-from app.problems import Problem
+from app.api.problems import Problem
+from app.ops.metrics import Metrics
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from typing import Any, TextIO
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.logs import current_request_id, new_request_id
+from app.ops.logs import current_request_id, new_request_id
 
 logger = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from types import FrameType
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.problems import Problem
+from app.api.problems import Problem
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from fastapi import Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from app.problems import Problem
+from app.api.problems import Problem
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.api.problems import PROBLEM_MEDIA_TYPE
 from app.card import HeatmapMethod, ModelCard
-from app.problems import PROBLEM_MEDIA_TYPE
 
 _UID = "1.2.826.0.1.3680043.8.498.12345678901234567890"
 

@@ -1,0 +1,1 @@
+"""HTTP surface: routes, response schemas, problem+json, API keys, request limits."""

@@ -1,0 +1,150 @@
+"""``POST /predict``: one image in, findings (and optionally a heatmap) out."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from fastapi import Depends, Query, Request
+from starlette.datastructures import UploadFile
+
+from app.api.errors import request_id_of
+from app.api.problems import Problem
+from app.api.schemas import (
+    DicomUIDs,
+    Heatmap,
+    ModelRef,
+    PredictResponse,
+    TimingMs,
+)
+from app.imaging.heatmap import overlay_png_base64
+from app.imaging.prepare import prepare
+from app.inference.batcher import MicroBatcher, NotAccepting
+from app.inference.runtime import ModelRuntime
+from app.inference.scoring import score
+from app.ops.audit import entry_for
+from app.ops.metrics import Metrics
+from app.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+RAW_MEDIA_TYPES = frozenset({"image/png", "image/jpeg", "application/dicom"})
+# Generic types say nothing about the format: let the decoder sniff the bytes.
+_SNIFF_MEDIA_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
+PREDICT_PATH = "/predict"
+
+_BINARY = {"type": "string", "format": "binary"}
+PREDICT_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "A PNG, JPEG or DICOM (Part 10 or raw dataset) chest radiograph.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {"file": {**_BINARY, "description": "PNG, JPEG or DICOM"}},
+                }
+            },
+            **{media: {"schema": _BINARY} for media in sorted(RAW_MEDIA_TYPES)},
+        },
+    }
+}
+
+
+async def read_upload(request: Request) -> tuple[bytes, str | None]:
+    """The uploaded bytes and a format hint, from multipart field ``file`` or a raw body."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media == "multipart/form-data":
+        async with request.form(max_files=1, max_fields=8) as form:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise Problem(
+                    422,
+                    "The multipart upload needs the image in a field named 'file'.",
+                    slug="missing-file",
+                )
+            data = await upload.read()
+            part_type = (upload.content_type or "").split(";")[0].strip().lower()
+        hint = None if part_type in _SNIFF_MEDIA_TYPES else part_type
+    elif media in RAW_MEDIA_TYPES or media in _SNIFF_MEDIA_TYPES - {""}:
+        data = await request.body()
+        hint = None if media in _SNIFF_MEDIA_TYPES else media
+    else:
+        raise Problem(
+            415,
+            "Send a PNG, JPEG or DICOM as multipart field 'file', or as the raw body with "
+            f"Content-Type image/png, image/jpeg or application/dicom (got {media or 'none'}).",
+            slug="unsupported-media-type",
+        )
+    if not data:
+        raise Problem(400, "The upload is empty.", slug="empty-upload")
+    return data, hint
+
+
+def ready_parts(request: Request) -> tuple[ModelRuntime, MicroBatcher, ThreadPoolExecutor]:
+    state = request.app.state
+    runtime, batcher, pool = state.runtime, state.batcher, state.decode_pool
+    if runtime is None or batcher is None or pool is None or not batcher.accepting:
+        raise NotAccepting("The model is not loaded yet, or the service is shutting down.")
+    return runtime, batcher, pool
+
+
+async def predict(
+    request: Request,
+    heatmap: bool = Query(False, description="Also return the heatmap grid and a PNG overlay"),
+    settings: Settings = Depends(get_settings),
+) -> PredictResponse:
+    """Score one chest radiograph (PNG, JPEG or DICOM)."""
+    start = time.perf_counter()
+    runtime, batcher, pool = ready_parts(request)
+    metrics: Metrics = request.app.state.metrics
+    data, hint = await read_upload(request)
+    loop = asyncio.get_running_loop()
+    card = runtime.card
+    audit = entry_for(request)
+    if audit is not None:
+        audit.note_model(card.name, card.version)
+    with batcher.admit() as slot:
+        prepared = await loop.run_in_executor(pool, prepare, data, hint, card, settings.max_pixels)
+        del data
+        if audit is not None:
+            audit.note_image(prepared.decoded.source, prepared.decoded.dicom)
+        metrics.decode_duration.observe(prepared.seconds)
+        result = await slot.submit(prepared.model_input)
+    findings, triage = score(card, result.logits)
+    if audit is not None:
+        audit.note_findings(triage.screening_positive, triage.diagnosis_positive, triage.abnormal)
+    heatmap_out = None
+    if heatmap:
+        png = await loop.run_in_executor(
+            pool, overlay_png_base64, prepared.model_input, card.input, result.heatmap
+        )
+        grid = np.round(result.heatmap.astype(np.float64), 4).tolist()
+        heatmap_out = Heatmap(method=card.heatmap_method, grid=grid, png_base64=png)
+    uids = prepared.decoded.dicom
+    return PredictResponse(
+        request_id=request_id_of(request),
+        model=ModelRef(name=card.name, version=card.version),
+        dicom=None
+        if uids is None
+        else DicomUIDs(
+            study_instance_uid=uids.study_instance_uid,
+            series_instance_uid=uids.series_instance_uid,
+            sop_instance_uid=uids.sop_instance_uid,
+        ),
+        findings=findings,
+        triage=triage,
+        heatmap=heatmap_out,
+        warnings=list(prepared.decoded.warnings),
+        timing_ms=TimingMs(
+            decode=round(1000.0 * prepared.seconds, 2),
+            queue=round(result.queue_ms, 2),
+            inference=round(result.inference_ms, 2),
+            total=round(1000.0 * (time.perf_counter() - start), 2),
+        ),
+    )

@@ -1,0 +1,1 @@
+"""Pixels: decoding (with the DICOM display pipeline), eligibility, preprocessing, heatmaps."""

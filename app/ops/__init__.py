@@ -1,0 +1,1 @@
+"""Operations: audit trail, structured logs, Prometheus metrics."""
