@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
 HeatmapMethod = Literal["attention_rollout", "cam"]
+# "per_image": output heatmap [N, h, w], one map explains every label; "per_label": [N, L, h, w],
+# one map per card label (class activation maps of that label's classifier weights).
+HeatmapShape = Literal["per_image", "per_label"]
 
 
 class InputSpec(BaseModel):
@@ -97,6 +100,7 @@ class ModelCard(BaseModel):
     labels: list[str] = Field(min_length=1)
     input: InputSpec
     heatmap_method: HeatmapMethod = "attention_rollout"
+    heatmap_shape: HeatmapShape = "per_image"
     thresholds: Thresholds
     metrics: dict[str, SplitMetrics] = Field(default_factory=dict)
     training: TrainingInfo = Field(default_factory=TrainingInfo)

@@ -142,7 +142,8 @@ def test_heatmap_grid_and_overlay(client, card, reference, png_1024) -> None:
     np.testing.assert_allclose(grid, expected_grid, atol=1e-4)
     image = Image.open(io.BytesIO(base64.b64decode(heatmap["png_base64"])))
     assert image.format == "PNG"
-    assert image.size == (card.input.width, card.input.height)
+    # Drawn on the upload itself (1024 px, the overlay's cap), not on the model's input.
+    assert image.size == Image.open(io.BytesIO(data)).size
     assert image.mode == "RGB"
     rgb = np.asarray(image).astype(int)
     # Coloured where the map is hot: the overlay is not plain gray.

@@ -16,12 +16,14 @@ from app.api.errors import request_id_of
 from app.api.problems import Problem
 from app.api.schemas import (
     DicomUIDs,
+    Finding,
     Heatmap,
     ModelRef,
     PredictResponse,
     TimingMs,
 )
-from app.imaging.heatmap import overlay_png_base64
+from app.card import ModelCard
+from app.imaging.heatmap import explained_label, overlay_png_base64, select_map
 from app.imaging.prepare import prepare
 from app.inference.batcher import MicroBatcher, NotAccepting
 from app.inference.runtime import ModelRuntime
@@ -94,14 +96,68 @@ def ready_parts(request: Request) -> tuple[ModelRuntime, MicroBatcher, ThreadPoo
     return runtime, batcher, pool
 
 
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off", ""})
+
+
+def heatmap_request(value: str, labels: list[str]) -> tuple[bool, str | None]:
+    """``heatmap=true|false|<label>`` -> (wanted, the label asked for or None for the default).
+
+    A label matches case-insensitively, with spaces for underscores (``Pleural Thickening``).
+    """
+    key = value.strip().lower()
+    if key in _TRUE:
+        return True, None
+    if key in _FALSE:
+        return False, None
+    by_key = {lbl.lower().replace("_", " "): lbl for lbl in labels}
+    label = by_key.get(key.replace("_", " "))
+    if label is None:
+        raise Problem(
+            422,
+            f"heatmap must be true, false or one of the model's labels ({', '.join(labels)}).",
+            slug="invalid-heatmap",
+        )
+    return True, label
+
+
+def render_heatmap(
+    card: ModelCard,
+    pixels: np.ndarray,
+    raw: np.ndarray,
+    findings: list[Finding],
+    flagged: list[str],
+    requested: str | None,
+) -> Heatmap:
+    """The response's heatmap block for one image (runs in the decode pool: PNG encoding)."""
+    probs = [f.probability for f in findings]
+    label = explained_label(card.labels, probs, flagged, requested)
+    index = card.labels.index(label)
+    grid = select_map(raw, index)
+    png = overlay_png_base64(pixels, grid, finding=label, probability=probs[index])
+    return Heatmap(
+        method=card.heatmap_method,
+        label=label,
+        per_label=card.heatmap_shape == "per_label",
+        grid=np.round(grid.astype(np.float64), 4).tolist(),
+        png_base64=png,
+    )
+
+
 async def predict(
     request: Request,
-    heatmap: bool = Query(False, description="Also return the heatmap grid and a PNG overlay"),
+    heatmap: str = Query(
+        "false",
+        description="true: also return the heatmap of the most probable flagged finding and its "
+        "PNG overlay; a label (e.g. Cardiomegaly): the map of that finding; false: none",
+        examples=["true", "Cardiomegaly"],
+    ),
     settings: Settings = Depends(get_settings),
 ) -> PredictResponse:
     """Score one chest radiograph (PNG, JPEG or DICOM)."""
     start = time.perf_counter()
     runtime, batcher, pool = ready_parts(request)
+    want_heatmap, heatmap_label = heatmap_request(heatmap, runtime.card.labels)
     metrics: Metrics = request.app.state.metrics
     data, hint = await read_upload(request)
     loop = asyncio.get_running_loop()
@@ -120,12 +176,17 @@ async def predict(
     if audit is not None:
         audit.note_findings(triage.screening_positive, triage.diagnosis_positive, triage.abnormal)
     heatmap_out = None
-    if heatmap:
-        png = await loop.run_in_executor(
-            pool, overlay_png_base64, prepared.model_input, card.input, result.heatmap
+    if want_heatmap:
+        heatmap_out = await loop.run_in_executor(
+            pool,
+            render_heatmap,
+            card,
+            prepared.decoded.pixels,
+            result.heatmap,
+            findings,
+            triage.screening_positive,
+            heatmap_label,
         )
-        grid = np.round(result.heatmap.astype(np.float64), 4).tolist()
-        heatmap_out = Heatmap(method=card.heatmap_method, grid=grid, png_base64=png)
     uids = prepared.decoded.dicom
     return PredictResponse(
         request_id=request_id_of(request),

@@ -62,13 +62,25 @@ class Triage(BaseModel):
 
 
 class Heatmap(BaseModel):
-    method: HeatmapMethod = Field(examples=["attention_rollout"])
+    method: HeatmapMethod = Field(examples=["cam"])
+    label: str = Field(
+        description="The finding the map explains: the one asked for (heatmap=<label>), else "
+        "the most probable screening-positive finding, else the most probable pathology",
+        examples=["Cardiomegaly"],
+    )
+    per_label: bool = Field(
+        description="True when the model has one map per label; false when one map per image "
+        "explains every label (attention rollout)",
+        examples=[True],
+    )
     grid: list[list[float]] = Field(
-        description="The model's [h, w] map, values in [0, 1], row-major from the image's top",
+        description="The model's [h, w] map for `label`, values in [0, 1], row-major from the "
+        "image's top, covering the whole image",
         examples=[[[0.1, 0.3], [0.2, 0.9]]],
     )
     png_base64: str = Field(
-        description="PNG (model input size) of the map as a colour overlay on the image",
+        description="PNG of the map over the uploaded image (its aspect, long side <= 1024 px), "
+        "with a 0..1 colour legend, the finding and 'not for diagnostic use' burned in",
         examples=["iVBORw0KGgo..."],
     )
 

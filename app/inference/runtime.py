@@ -2,8 +2,9 @@
 
 A model folder is the only thing that passes from training to serving, so it is validated hard
 at start-up: the card must parse, its sha256 must match ``model.onnx``, and the graph's inputs and
-outputs must fit the card (input name/shape/dtype, one logit per label, a rank-3 heatmap). A
-mismatch stops the service with a message that names the problem instead of serving nonsense.
+outputs must fit the card (input name/shape/dtype, one logit per label, a rank-3 heatmap, or
+rank 4 when the card says ``per_label``). A mismatch stops the service with a message that names
+the problem instead of serving nonsense.
 
 Execution provider: CUDA when this onnxruntime build has it, a GPU is visible and the settings
 allow it; else CPU. What actually runs is read back from ``session.get_providers()`` (ORT falls
@@ -177,7 +178,13 @@ def validate_graph(session: ort.InferenceSession, card: ModelCard) -> None:
             )
     if HEATMAP_NAME in outputs:
         shape = list(outputs[HEATMAP_NAME].shape)
-        if len(shape) != 3:
+        if card.heatmap_shape == "per_label":
+            if len(shape) != 4 or not _dim_ok(shape[1], len(card.labels)):
+                problems.append(
+                    f"output {HEATMAP_NAME!r} has shape {shape}; the card says per_label, so it "
+                    f"must be [N, {len(card.labels)}, h, w]"
+                )
+        elif len(shape) != 3:
             problems.append(f"output {HEATMAP_NAME!r} has shape {shape}; it must be [N, h, w]")
     if problems:
         raise ModelLoadError("model.onnx does not match model_card.json: " + "; ".join(problems))
@@ -279,7 +286,7 @@ class ModelRuntime:
         return (3, self.card.input.height, self.card.input.width)
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One session run: ``[N,3,H,W]`` float32 -> (logits ``[N,L]``, heatmap ``[N,h,w]``)."""
+        """One session run: ``[N,3,H,W]`` float32 -> logits ``[N,L]``, heatmap ``[N,(L,)h,w]``."""
         logits, heatmap = self.session.run([LOGITS_NAME, HEATMAP_NAME], {INPUT_NAME: batch})
         with self._count_lock:
             self.run_count += 1
@@ -304,8 +311,10 @@ class ModelRuntime:
                     f"logits came out {logits.shape} for a batch of {n}; "
                     f"expected ({n}, {len(self.card.labels)})"
                 )
-            if heatmap.ndim != 3 or heatmap.shape[0] != n:
-                raise ModelLoadError(f"heatmap came out {heatmap.shape}; expected ({n}, h, w)")
-            self.heatmap_grid = (int(heatmap.shape[1]), int(heatmap.shape[2]))
+            rank = 4 if self.card.heatmap_shape == "per_label" else 3
+            if heatmap.ndim != rank or heatmap.shape[0] != n:
+                want = f"({n}, {len(self.card.labels)}, h, w)" if rank == 4 else f"({n}, h, w)"
+                raise ModelLoadError(f"heatmap came out {heatmap.shape}; expected {want}")
+            self.heatmap_grid = (int(heatmap.shape[-2]), int(heatmap.shape[-1]))
             logger.info("warm-up batch %d: %.1f ms", n, 1000 * (time.perf_counter() - start))
         self.warmed_up = True
