@@ -66,14 +66,47 @@ class LabelMetrics(BaseModel):
     negatives: int = Field(ge=0)
 
 
+class SubgroupMetrics(BaseModel):
+    """AUROC within one level of a metadata attribute (view PA/AP, sex, age band)."""
+
+    n_images: int = Field(ge=0)
+    n_patients: int | None = None
+    mean_auroc: float | None = None
+    mean_auroc_ci_low: float | None = None
+    mean_auroc_ci_high: float | None = None
+    per_label: dict[str, float | None] = Field(default_factory=dict)
+
+
 class SplitMetrics(BaseModel):
     n_images: int = Field(ge=0)
+    n_patients: int | None = None
     mean_auroc: float | None = Field(
         default=None, description="Macro mean over the 14 pathologies that have both classes"
     )
     mean_auroc_ci_low: float | None = None
     mean_auroc_ci_high: float | None = None
+    bootstrap_unit: Literal["patient", "image"] | None = Field(
+        default=None, description="What the CI's bootstrap resampled (None: older cards)"
+    )
     per_label: dict[str, LabelMetrics] = Field(default_factory=dict)
+    subgroups: dict[str, dict[str, SubgroupMetrics]] = Field(
+        default_factory=dict, description="attribute (view, sex, age_band) -> level -> AUROC"
+    )
+
+
+class Calibration(BaseModel):
+    """Temperature scaling: the service computes sigmoid(logit / temperature).
+
+    Thresholds are on these calibrated probabilities. The default (1.0, method none) is the
+    plain sigmoid, so cards written before calibration existed mean what they always meant.
+    """
+
+    method: Literal["none", "temperature"] = "none"
+    temperature: float = Field(default=1.0, gt=0.0)
+    fitted_on: str | None = None
+    ece_bins: int | None = None
+    ece_before: dict[str, float] = Field(default_factory=dict, description="split -> ECE, T = 1")
+    ece_after: dict[str, float] = Field(default_factory=dict, description="split -> ECE with T")
 
 
 class TrainingInfo(BaseModel):
@@ -102,6 +135,7 @@ class ModelCard(BaseModel):
     heatmap_method: HeatmapMethod = "attention_rollout"
     heatmap_shape: HeatmapShape = "per_image"
     thresholds: Thresholds
+    calibration: Calibration = Field(default_factory=Calibration)
     metrics: dict[str, SplitMetrics] = Field(default_factory=dict)
     training: TrainingInfo = Field(default_factory=TrainingInfo)
     intended_use: str = ""

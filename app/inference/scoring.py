@@ -22,8 +22,12 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def score(card: ModelCard, logits: np.ndarray) -> tuple[list[Finding], Triage]:
-    """Findings in model order and the triage summary (see docs/serving.md for "abnormal")."""
-    probabilities = _sigmoid(logits)
+    """Findings in model order and the triage summary (see docs/serving.md for "abnormal").
+
+    Logits are divided by the card's calibration temperature before the sigmoid (1.0 unless the
+    model was temperature-scaled): the card's thresholds were chosen on those probabilities.
+    """
+    probabilities = _sigmoid(np.asarray(logits, np.float64) / card.calibration.temperature)
     findings: list[Finding] = []
     for label, p in zip(card.labels, probabilities.tolist(), strict=True):
         s_thr = card.thresholds.screening[label].threshold
