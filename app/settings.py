@@ -55,11 +55,102 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO")
     log_json: bool = Field(True, description="Structured JSON log lines")
 
+    # -- PACS integration (DESIGN.md "PACS integration"; names fixed there) --------------------
+    pacs_enabled: bool = Field(
+        True,
+        description="Run the PACS side (DICOM SCP, STOW-RS, study triage, outbox); false leaves "
+        "only POST /predict",
+    )
+    dicom_port: int = Field(11112, ge=0, le=65535, description="C-STORE SCP port; 0 turns it off")
+    dicom_ae_title: str = Field("CXR_TRIAGE", description="The SCP's AE title (called AE)")
+    dicom_allowed_aes: str = Field(
+        "", description="Comma list of calling AE titles allowed to associate; empty = any"
+    )
+    dicom_bind: str = Field(
+        "127.0.0.1",
+        description="Interface the SCP listens on; loopback unless an operator opens it (as "
+        "for HTTP), since an open SCP takes patient data from anyone who knows the AE title",
+    )
+    dicom_tls_cert: Path | None = Field(None, description="PEM certificate: DICOM over TLS")
+    dicom_tls_key: Path | None = Field(None, description="PEM private key of dicom_tls_cert")
+    dicom_tls_ca: Path | None = Field(
+        None, description="PEM CA bundle; when set, SCUs must present a certificate it signed"
+    )
+    study_stable_s: float = Field(
+        10.0, gt=0.0, description="Seconds without a new instance before a study is scored"
+    )
+    pacs_storage_dir: Path = Field(
+        Path("pacs"),
+        description="Received instances (instances/) and written results (results/)",
+    )
+    outbox_db: Path = Field(
+        Path("pacs/outbox.sqlite"),
+        description="SQLite outbox of result objects; study state lives beside it (studies.sqlite)",
+    )
+    priority_rules: str = Field(
+        "Pneumothorax:diagnosis=STAT,*:diagnosis=HIGH",
+        description="Comma list of Label:screening|diagnosis=HIGH|STAT (Label may be *); a "
+        "study starts ROUTINE and each matching rule can only raise it",
+    )
+    destinations: str = Field(
+        "",
+        description="Comma list of dimse://AET@host:port and http(s)://.../dicom-web STOW-RS "
+        "roots; empty = keep results for GET /v1/studies only",
+    )
+
     @field_validator("audit_db", mode="before")
     @classmethod
     def _empty_disables_audit(cls, value: object) -> object:
         """``CXR_AUDIT_DB=`` (empty) turns the audit trail off rather than meaning ``.``."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("dicom_tls_cert", "dicom_tls_key", "dicom_tls_ca", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("dicom_ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        from app.pacs.model import check_ae_title
+
+        return check_ae_title(value)
+
+    @field_validator("dicom_allowed_aes")
+    @classmethod
+    def _allowed_aes(cls, value: str) -> str:
+        from app.pacs.model import check_ae_title
+
+        for part in value.split(","):
+            if part.strip():
+                check_ae_title(part.strip())
+        return value
+
+    @field_validator("priority_rules")
+    @classmethod
+    def _priority_rules(cls, value: str) -> str:
+        from app.pacs.model import parse_priority_rules
+
+        parse_priority_rules(value, None)  # syntax here; labels against the loaded model's card
+        return value
+
+    @field_validator("destinations")
+    @classmethod
+    def _destinations(cls, value: str) -> str:
+        from app.pacs.model import parse_destinations
+
+        parse_destinations(value)
+        return value
+
+    @property
+    def allowed_aes(self) -> tuple[str, ...]:
+        """``dicom_allowed_aes`` as a tuple (empty: any calling AE may associate)."""
+        return tuple(p.strip() for p in self.dicom_allowed_aes.split(",") if p.strip())
+
+    @property
+    def studies_db(self) -> Path:
+        """Study state (receiving, scored, results), beside the outbox so one folder holds both."""
+        return self.outbox_db.with_name("studies.sqlite")
 
 
 @lru_cache

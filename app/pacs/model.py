@@ -9,6 +9,7 @@ stored source files (``InstanceOutcome.path``) and writes them only into the DIC
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -49,6 +50,60 @@ class Priority(str, Enum):
 
 
 _PRIORITY_ORDER = (Priority.ROUTINE, Priority.HIGH, Priority.STAT)
+
+ANY_FINDING = "*"
+
+
+@dataclass(frozen=True)
+class PriorityRule:
+    """``Label:flag=PRIORITY``: a study whose ``label`` is ``flag``-positive gets ``priority``.
+
+    ``label`` is a model label or ``*`` (any pathology, not "No Finding"); ``flag`` is
+    ``screening`` or ``diagnosis``; ``priority`` is HIGH or STAT (a rule only ever raises).
+    """
+
+    label: str
+    flag: Literal["screening", "diagnosis"]
+    priority: Priority
+
+    def __str__(self) -> str:
+        return f"{self.label}:{self.flag}={self.priority}"
+
+
+def parse_priority_rules(text: str | None, labels: Sequence[str] | None) -> list[PriorityRule]:
+    """``CXR_PRIORITY_RULES``, e.g. ``Pneumothorax:diagnosis=STAT,*:diagnosis=HIGH``.
+
+    Label names match case-insensitively with spaces for underscores (``pleural thickening``);
+    an unknown label, flag or priority is an error, so a typo never silently disables a rule.
+    ``labels`` None checks the syntax only.
+    """
+    if text is None or not text.strip():
+        return []
+    canonical = {_fold(label): label for label in labels or ()}
+    rules: list[PriorityRule] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        head, eq, priority = part.rpartition("=")
+        label, colon, flag = head.rpartition(":")
+        if not eq or not colon or not label.strip():
+            raise ValueError(f"priority rule {part!r}: write Label:screening|diagnosis=HIGH|STAT")
+        label, flag, priority = label.strip(), flag.strip().lower(), priority.strip().upper()
+        if label != ANY_FINDING and labels is not None:
+            if _fold(label) not in canonical:
+                raise ValueError(f"priority rule {part!r}: {label!r} is not a model label")
+            label = canonical[_fold(label)]
+        if flag not in ("screening", "diagnosis"):
+            raise ValueError(f"priority rule {part!r}: the flag is screening or diagnosis")
+        if priority not in (Priority.HIGH.value, Priority.STAT.value):
+            raise ValueError(f"priority rule {part!r}: a rule raises to HIGH or STAT")
+        rules.append(PriorityRule(label, flag, Priority(priority)))  # type: ignore[arg-type]
+    return rules
+
+
+def _fold(label: str) -> str:
+    return " ".join(label.replace("_", " ").split()).casefold()
 
 
 @dataclass(frozen=True)
@@ -116,6 +171,13 @@ class ResultObject:
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
 
 
+def check_ae_title(value: str) -> str:
+    """``value`` if it is a usable AE title (PS3.5 AE: 1-16 chars, not all spaces), else raise."""
+    if not _AE_RE.match(value) or value != value.strip() or not value.strip():
+        raise ValueError(f"{value!r} is not an AE title (1-16 characters, no backslash)")
+    return value
+
+
 @dataclass(frozen=True)
 class Destination:
     """Where results go: a DIMSE C-STORE SCP or a STOW-RS root.
@@ -158,8 +220,10 @@ def parse_destination(text: str) -> Destination:
         ae, sep, hostport = parts.netloc.rpartition("@")
         if not sep or not ae:
             raise ValueError(f"{text!r}: a DIMSE destination is dimse://AET@host:port")
-        if not _AE_RE.match(ae) or ae != ae.strip():
-            raise ValueError(f"{text!r}: {ae!r} is not an AE title (1-16 characters)")
+        try:
+            check_ae_title(ae)
+        except ValueError as exc:
+            raise ValueError(f"{text!r}: {exc}") from None
         try:
             probe = urlsplit(f"//{hostport}")
             host, port = probe.hostname, probe.port
