@@ -94,10 +94,10 @@ def png_gray(path: Path | str) -> np.ndarray:
 
 
 def stored_values(gray: np.ndarray, bits_stored: int) -> np.ndarray:
-    """8-bit gray spread to ``bits_stored`` (v * (2**bits - 1) / 255, rounded); wider arrays
-    are returned as they are (uint16)."""
+    """8-bit gray spread to ``bits_stored`` (v * (2**bits - 1) / 255, rounded); other arrays
+    (uint16, int16 for signed data) are returned as they are."""
     if gray.dtype != np.uint8:
-        return gray.astype(np.uint16)
+        return gray
     if bits_stored == 8:
         return gray.copy()
     top = (1 << bits_stored) - 1
@@ -134,7 +134,7 @@ def make_dataset(
         raise ValueError(f"expected a 2-D grayscale source, got shape {gray.shape}")
     values = stored_values(gray, bits_stored)
     top = (1 << bits_stored) - 1
-    if photometric == "MONOCHROME1":
+    if photometric == "MONOCHROME1" and values.dtype.kind == "u":
         values = (top - values.astype(np.int64)).astype(values.dtype)
     sop_class = sop_class or _SOP_FOR_MODALITY.get(modality, SECONDARY_CAPTURE)
     sop_uid = sop_uid or generate_uid()

@@ -5,9 +5,17 @@ preamble and file meta); a declared content type is only a hint. Every failure, 
 bytes, surfaces as :class:`DecodeError` (a :class:`~app.api.problems.Problem`, so a 4xx
 problem+json), never as another exception.
 
-DICOM display mapping, in the standard's order: the modality LUT (Modality LUT Sequence or
-RescaleSlope/Intercept), then the first VOI LUT or the first window (LINEAR, LINEAR_EXACT or
-SIGMOID), else a min-max window over the image's own value range, then MONOCHROME1 inversion.
+DICOM display mapping, in the standard's grayscale pipeline order (PS3.4 N.2), for the first
+frame, with the attributes of the Shared and Per-frame Functional Groups taking precedence over
+top-level ones in multi-frame/enhanced objects:
+
+1. Pixel Padding Value / Pixel Padding Range Limit mark padding in the stored values;
+2. the modality LUT (Modality LUT Sequence via pydicom, or RescaleSlope/Intercept);
+3. the first VOI LUT (pydicom's ``apply_voi``: LUTData US or OW), else the first window
+   (LINEAR, LINEAR_EXACT or SIGMOID), else a min-max window over the non-padding values;
+4. the presentation LUT: MONOCHROME1 or PresentationLUTShape INVERSE inverts once (never twice);
+5. padding shows as the darkest value.
+
 No patient-identifying attribute is read into a warning, an error detail or a log line.
 """
 
@@ -44,12 +52,14 @@ from pydicom.uid import (
 )
 
 from app.api.problems import Problem
+from app.imaging.eligibility import Eligibility, check_eligibility
 
 # pydicom's value validation warns with the offending value quoted, and a bad value may sit in a
 # patient field; the service never validates on read, so nothing of a file's values reaches logs.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 Source = Literal["png", "jpeg", "dicom"]
+WindowSource = Literal["voi_lut", "window", "min_max"]
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -106,14 +116,36 @@ class DicomUIDs:
     sop_instance_uid: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ImageMeta:
+    """What the image is, for the response's ``image`` block: coded values only, no patient
+    fields. The DICOM attributes are None for PNG/JPEG (and for DICOM values that are absent or
+    not well-formed code strings)."""
+
+    rows: int
+    columns: int
+    bits_stored: int | None = None
+    photometric_interpretation: str | None = None
+    modality: str | None = None
+    view_position: str | None = None
+    body_part: str | None = None
+    window_source: WindowSource | None = None
+
+
 @dataclass(frozen=True)
 class DecodedImage:
-    """A decoded upload: ``pixels`` is float32, 2-D (HxW, original size), values in [0, 1]."""
+    """A decoded upload: ``pixels`` is float32, 2-D (HxW, original size), values in [0, 1].
+
+    ``eligibility`` is the header's verdict (:func:`~app.imaging.eligibility.check_eligibility`)
+    for DICOM, None for PNG/JPEG (no metadata to judge); the caller applies the policy.
+    """
 
     pixels: np.ndarray
     source: Source
     dicom: DicomUIDs | None = None
     warnings: tuple[str, ...] = ()
+    image: ImageMeta | None = None
+    eligibility: Eligibility | None = None
 
 
 class DecodeError(Problem):
@@ -225,10 +257,18 @@ def _decode(data: bytes, content_type: str | None, max_pixels: int) -> DecodedIm
     if declared and hinted != fmt:
         warnings.append(f"declared as {declared} but the bytes are {fmt.upper()}; decoded as such")
     if fmt == "dicom":
-        pixels, uids, more = _decode_dicom(data, max_pixels, part10=sniffed == "dicom")
-        return DecodedImage(pixels, "dicom", uids, (*warnings, *more))
-    pixels, more = _decode_pillow(data, fmt, max_pixels)
-    return DecodedImage(pixels, fmt, None, (*warnings, *more))
+        decoded = _decode_dicom(data, max_pixels, part10=sniffed == "dicom")
+        return DecodedImage(
+            decoded.pixels,
+            "dicom",
+            decoded.dicom,
+            (*warnings, *decoded.warnings),
+            decoded.image,
+            decoded.eligibility,
+        )
+    pixels, bits, more = _decode_pillow(data, fmt, max_pixels)
+    meta = ImageMeta(rows=pixels.shape[0], columns=pixels.shape[1], bits_stored=bits)
+    return DecodedImage(pixels, fmt, None, (*warnings, *more), meta)
 
 
 def _describe(sniffed: str) -> str:
@@ -243,8 +283,9 @@ def _describe(sniffed: str) -> str:
 # PNG / JPEG
 
 
-def _decode_pillow(data: bytes, fmt: Source, max_pixels: int) -> tuple[np.ndarray, list[str]]:
-    """Pillow decode to luminance; the size check happens on the header, before pixels load."""
+def _decode_pillow(data: bytes, fmt: Source, max_pixels: int) -> tuple[np.ndarray, int, list[str]]:
+    """Pillow decode to luminance, and the bit depth; the size check happens on the header,
+    before pixels load."""
     name = fmt.upper()
     warnings: list[str] = []
     try:
@@ -272,19 +313,54 @@ def _decode_pillow(data: bytes, fmt: Source, max_pixels: int) -> tuple[np.ndarra
         if orientation in range(2, 9):
             im = ImageOps.exif_transpose(im)
             warnings.append(f"applied the EXIF orientation ({orientation})")
+        if im.mode.startswith("I;16") or im.mode == "I":
+            return _png_16_bit(im, data, warnings), 16, warnings
         pixels = _pillow_to_unit_float(im, fmt)
     except (OSError, SyntaxError, ValueError, struct.error, EOFError, zlib.error):
         raise _err(422, f"the {name} pixel data is truncated or corrupt") from None
-    return pixels, warnings
+    return pixels, 8, warnings
+
+
+def _png_16_bit(im: Image.Image, data: bytes, warnings: list[str]) -> np.ndarray:
+    """DESIGN.md's 16-bit PNG rule: with an sBIT chunk of n bits and every value below 2**n the
+    export was unscaled, so divide by 2**n - 1; otherwise divide by 65535. Without sBIT, a
+    maximum below 4096 (12-bit data, nearly black at /65535) gets a warning."""
+    im.load()
+    raw = np.asarray(im)
+    top = int(raw.max()) if raw.size else 0
+    significant = _png_significant_bits(data)
+    scale = 65535
+    if significant is not None and 0 < significant < 16 and top < (1 << significant):
+        scale = (1 << significant) - 1
+    elif significant is None and top < 4096:
+        warnings.append(
+            f"16-bit PNG without an sBIT chunk whose values all stay below 4096 (maximum "
+            f"{top}): scaled by 65535, so it looks nearly black; if it holds 12-bit data, add "
+            "an sBIT chunk or send the DICOM"
+        )
+    arr = raw.astype(np.float32)
+    arr *= np.float32(1 / scale)
+    return np.clip(arr, 0.0, 1.0, out=arr)
+
+
+def _png_significant_bits(data: bytes) -> int | None:
+    """The gray sample's significant bits from a PNG's sBIT chunk (PNG 11.3.4.4), or None.
+
+    Pillow does not expose sBIT; the chunk must precede IDAT, so only the header is walked."""
+    pos = len(PNG_MAGIC)
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind = data[pos + 4 : pos + 8]
+        if kind == b"sBIT":
+            return data[pos + 8] if length >= 1 and pos + 9 <= len(data) else None
+        if kind in (b"IDAT", b"IEND"):
+            return None
+        pos += 12 + length
+    return None
 
 
 def _pillow_to_unit_float(im: Image.Image, fmt: Source) -> np.ndarray:
-    """Luminance scaled by bit depth: 16-bit modes by 65535, everything else via 8-bit ``L``."""
-    if im.mode.startswith("I;16") or im.mode == "I":
-        im.load()
-        arr = np.asarray(im).astype(np.float32)
-        arr *= np.float32(1 / 65535)
-        return np.clip(arr, 0.0, 1.0, out=arr)
+    """Luminance scaled to [0, 1] via 8-bit ``L`` (16-bit PNGs go to :func:`_png_16_bit`)."""
     if fmt == "jpeg" and im.mode in ("RGB", "YCbCr"):
         # libjpeg hands out the Y channel directly, skipping the YCbCr->RGB->L round trip;
         # Y is the same ITU-R 601 luma that convert("L") would compute.
@@ -305,12 +381,11 @@ def _pillow_to_unit_float(im: Image.Image, fmt: Source) -> np.ndarray:
 # DICOM
 
 
-def _decode_dicom(
-    data: bytes, max_pixels: int, *, part10: bool
-) -> tuple[np.ndarray, DicomUIDs, list[str]]:
+def _decode_dicom(data: bytes, max_pixels: int, *, part10: bool) -> DecodedImage:
     warnings: list[str] = []
     ds = _read_dataset(data, max_pixels, part10=part10)
     uids = _uids(ds, warnings)
+    eligibility = check_eligibility(ds)
 
     for tag in ("FloatPixelData", "DoubleFloatPixelData"):
         if tag in ds:
@@ -374,10 +449,18 @@ def _decode_dicom(
     if raw.ndim != 2:
         raise _err(422, f"the DICOM pixel data decoded to shape {raw.shape}, not one gray frame")
 
-    pixels = _display(raw, ds, warnings)
-    if photometric == "MONOCHROME1":
-        np.subtract(np.float32(1.0), pixels, out=pixels)
-    return pixels, uids, warnings
+    pixels, window_source = _display(raw, ds, warnings)
+    meta = ImageMeta(
+        rows=rows,
+        columns=cols,
+        bits_stored=_int(ds, "BitsStored"),
+        photometric_interpretation=photometric,
+        modality=_code(ds, "Modality"),
+        view_position=_code(ds, "ViewPosition"),
+        body_part=_code(ds, "BodyPartExamined"),
+        window_source=window_source,
+    )
+    return DecodedImage(pixels, "dicom", uids, tuple(warnings), meta, eligibility)
 
 
 def _decode_first_frame(decoder: Any, ds: Dataset, tsyntax: UID) -> np.ndarray:
@@ -592,18 +675,114 @@ def _check_codestream(ds: Dataset, rows: int, cols: int, max_pixels: int, ts_lab
         )
 
 
-def _display(raw: np.ndarray, ds: Dataset, warnings: list[str]) -> np.ndarray:
-    """Modality LUT, then VOI LUT / window / own min-max range -> float32 in [0, 1]."""
+# Attributes the display pipeline reads; an enhanced object's functional groups override them.
+_DISPLAY_KEYWORDS = (
+    "PhotometricInterpretation",
+    "SamplesPerPixel",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "ModalityLUTSequence",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RescaleType",
+    "VOILUTSequence",
+    "WindowCenter",
+    "WindowWidth",
+    "VOILUTFunction",
+    "PresentationLUTShape",
+    "PixelPaddingValue",
+    "PixelPaddingRangeLimit",
+)
+# Functional group macros holding display attributes (PS3.3 C.7.6.16.2.9 and .10).
+_FRAME_MACROS = ("PixelValueTransformationSequence", "FrameVOILUTSequence")
+
+
+def frame_view(ds: Dataset, frame: int = 0) -> Dataset:
+    """The display attributes that apply to ``frame``: top-level ones, overridden by the Shared
+    Functional Groups, overridden by that frame's Per-frame Functional Groups (PS3.3 C.7.6.16).
+
+    A dataset without functional groups is returned as it is (no copy); otherwise a small new
+    dataset (display attributes and file meta only, no pixel data) that pydicom's
+    ``apply_modality_lut`` / ``apply_voi_lut`` / ``apply_windowing`` read as usual.
+    """
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if not shared and not per_frame:
+        return ds
+    view = Dataset()
+    for keyword in _DISPLAY_KEYWORDS:
+        if keyword in ds:
+            view[keyword] = ds[keyword]
+    groups = [shared[0] if shared else None]
+    if per_frame and len(per_frame) > frame:
+        groups.append(per_frame[frame])
+    for group in groups:
+        for macro in _FRAME_MACROS:
+            items = group.get(macro) if group is not None else None
+            if items:
+                for element in items[0]:
+                    view[element.tag] = element
+    view.file_meta = getattr(ds, "file_meta", FileMetaDataset())
+    # An implicit VR dataset's OW LUTData needs the encoding the file was read with.
+    view.set_original_encoding(*ds.original_encoding, ds.original_character_set)
+    return view
+
+
+def _display(raw: np.ndarray, ds: Dataset, warnings: list[str]) -> tuple[np.ndarray, WindowSource]:
+    """The grayscale pipeline of the module docstring -> float32 in [0, 1], and which VOI
+    stage was used."""
+    view = frame_view(ds)
+    padding = _padding_mask(raw, view, warnings)
+    pixels, source = _voi(raw, view, padding, warnings)
+    if _inverts(view, warnings):
+        np.subtract(np.float32(1.0), pixels, out=pixels)
+    if padding is not None:
+        pixels[padding] = 0.0
+    return pixels, source
+
+
+def _padding_mask(raw: np.ndarray, ds: Dataset, warnings: list[str]) -> np.ndarray | None:
+    """Stored values that are Pixel Padding (PS3.3 C.7.5.1.1.2): Pixel Padding Value alone, or
+    the range it spans with Pixel Padding Range Limit. None when there is no padding."""
+    if "PixelPaddingValue" not in ds:
+        return None
+    try:
+        value = _padding_number(ds, "PixelPaddingValue")
+        limit = _padding_number(ds, "PixelPaddingRangeLimit")
+    except (TypeError, ValueError, struct.error):
+        warnings.append("the DICOM PixelPaddingValue is malformed; ignored")
+        return None
+    if value is None:
+        return None
+    if limit is None:
+        mask = raw == value
+    else:
+        low, high = min(value, limit), max(value, limit)
+        mask = (raw >= low) & (raw <= high)
+    return mask if mask.any() else None
+
+
+def _padding_number(ds: Dataset, keyword: str) -> int | None:
+    """A US-or-SS value, also when an implicit VR file left it as raw bytes."""
+    if keyword not in ds:
+        return None
+    value = ds[keyword].value
+    if isinstance(value, bytes):
+        signed = _int(ds, "PixelRepresentation") == 1
+        return int(struct.unpack("<h" if signed else "<H", value[:2])[0])
+    number = _first_number(value)
+    return None if number is None else int(number)
+
+
+def _voi(
+    raw: np.ndarray, ds: Dataset, padding: np.ndarray | None, warnings: list[str]
+) -> tuple[np.ndarray, WindowSource]:
+    """Modality LUT, then VOI LUT / window / min-max over the non-padding values."""
     if _has_voi_lut(ds):
         try:
-            # The VOI LUT indexes modality values: pydicom applies the Modality LUT or rescale.
-            modality = apply_modality_lut(raw, ds)
-            if modality.dtype.kind == "f":
-                modality = np.rint(modality).astype(np.int64)
-            mapped = apply_voi(modality, ds, index=0).astype(np.float32)
-            lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float32)
-            low, high = float(lut.min()), float(lut.max())
-            return _scale(mapped, low, high, warnings)
+            return _apply_voi_lut(raw, ds), "voi_lut"
         except Exception:
             warnings.append("the VOI LUT could not be applied; used the window or image range")
 
@@ -617,11 +796,49 @@ def _display(raw: np.ndarray, ds: Dataset, warnings: list[str]) -> np.ndarray:
     window = _window_params(ds, warnings)
     if window is not None:
         center, width, function = window
-        return apply_window(x, center, width, function)
+        return apply_window(x, center, width, function), "window"
     warnings.append(
         "no VOI LUT or window in the DICOM: windowed over the image's own min-max range"
+        + (" (padding excluded)" if padding is not None else "")
     )
-    return _scale(x, float(x.min()), float(x.max()), warnings)
+    if padding is None:
+        low, high = float(x.min()), float(x.max())
+    else:
+        keep = ~padding
+        if not keep.any():
+            warnings.append("the image has no contrast (a single value)")
+            return np.zeros(x.shape, dtype=np.float32), "min_max"
+        low = float(np.min(x, where=keep, initial=np.inf))
+        high = float(np.max(x, where=keep, initial=-np.inf))
+    return _scale(x, low, high, warnings), "min_max"
+
+
+def _apply_voi_lut(raw: np.ndarray, ds: Dataset) -> np.ndarray:
+    """pydicom's modality LUT and VOI LUT (US or OW LUTData), scaled from the LUT's own output
+    range to [0, 1]."""
+    # The VOI LUT indexes modality values: pydicom applies the Modality LUT or rescale.
+    modality = apply_modality_lut(raw, ds)
+    if modality.dtype.kind == "f":
+        modality = np.rint(modality).astype(np.int64)
+    mapped = apply_voi(modality, ds, index=0).astype(np.float32)
+    descriptor = ds.VOILUTSequence[0].LUTDescriptor
+    entries, first_map = int(descriptor[0]) or 65536, int(descriptor[1])
+    # The LUT's entries, read by pydicom itself (so OW and US read alike).
+    table = apply_voi(np.arange(first_map, first_map + entries, dtype=np.int64), ds, index=0)
+    low, high = float(table.min()), float(table.max())
+    if high <= low:
+        raise ValueError("a constant VOI LUT")
+    return _scale(mapped, low, high, [])
+
+
+def _inverts(ds: Dataset, warnings: list[str]) -> bool:
+    """The presentation LUT stage: MONOCHROME1 and PresentationLUTShape INVERSE mean the same
+    single inversion to P-values (a conformant MONOCHROME1 DX image carries both)."""
+    shape = str(ds.get("PresentationLUTShape", "") or "").strip().upper()
+    if shape not in ("", "IDENTITY", "INVERSE"):
+        warnings.append(f"unknown PresentationLUTShape {_echo_code(shape)}; treated as IDENTITY")
+    monochrome1 = str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1"
+    return monochrome1 or shape == "INVERSE"
 
 
 def _scale(x: np.ndarray, low: float, high: float, warnings: list[str]) -> np.ndarray:
@@ -718,6 +935,12 @@ def _echo_code(value: str) -> str:
 def _has_voi_lut(ds: Dataset) -> bool:
     seq = ds.get("VOILUTSequence")
     return bool(seq) and "LUTData" in seq[0] and "LUTDescriptor" in seq[0]
+
+
+def _code(ds: Dataset, keyword: str) -> str | None:
+    """A code string attribute fit for the response (never a misfiled free-text value)."""
+    value = str(ds.get(keyword, "") or "").strip().upper()
+    return value if re.fullmatch(r"[A-Z0-9 _]{1,16}", value) else None
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
