@@ -19,6 +19,7 @@ SERVE_HELP = "run the HTTP service (uvicorn) on the model folder"
 AUDIT_HELP = "read the audit trail of predictions"
 TRAINING_COMMANDS: dict[str, str] = {
     "cache": "decode images once and cache them for training",
+    "crossval": "patient-wise k-fold cross-validation (out-of-fold AUROC, fold models)",
     "train": "train a model on NIH ChestX-ray14 images",
     "evaluate": "evaluate a trained run (AUROC, thresholds)",
     "export": "export a run to a model folder (model.onnx + model_card.json) or a Triton repo",

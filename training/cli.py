@@ -1,4 +1,4 @@
-"""``cxr-triage cache | train | evaluate | export | download``: the training side of the CLI.
+"""``cxr-triage cache | train | crossval | evaluate | export | download``: the training CLI.
 
 ``app.cli`` hands these sub-commands to :func:`main` (``argv`` starts with the sub-command).
 Importing this module imports neither torch nor timm, so ``cxr-triage --help`` and ``serve`` stay
@@ -19,7 +19,7 @@ from pathlib import Path
 from training.config import add_config_flags, resolve_config
 
 log = logging.getLogger("training")
-COMMANDS = ("cache", "train", "evaluate", "export", "download")
+COMMANDS = ("cache", "train", "crossval", "evaluate", "export", "download")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,6 +52,25 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue --out from its last.pt with its saved config (+ flags given)",
     )
+    add_config_flags(p)
+
+    p = sub.add_parser(
+        "crossval", help="patient-wise k-fold CV: fold models and out-of-fold AUROC (patient CI)"
+    )
+    p.add_argument("--config", help="YAML config (keys = flag names); flags override it")
+    p.add_argument("--folds", type=int, default=5, help="k (default 5)")
+    p.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment")
+    p.add_argument(
+        "--only-folds", type=int, nargs="+", default=None, help="train just these folds now"
+    )
+    p.add_argument(
+        "--ensemble-with",
+        nargs="+",
+        default=None,
+        metavar="CV_DIR",
+        help="instead of training: out-of-fold AUROC of averaging --out with these CV folders",
+    )
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for CIs")
     add_config_flags(p)
 
     p = sub.add_parser("evaluate", help="AUROC with CIs, thresholds and ROC curves of a run")
@@ -142,6 +161,49 @@ def _train(args: argparse.Namespace) -> int:
             f"{summary['status']}: {summary['epochs_completed']} epochs, best epoch "
             f"{summary['best_epoch']}, val mean AUROC "
             f"{'n/a' if auc is None else f'{auc:.4f}'}; run folder {cfg.out}"
+        )
+    return 0
+
+
+def _crossval(args: argparse.Namespace) -> int:
+    import json
+
+    from training.crossval import ensemble_gain, run_crossval
+
+    if args.ensemble_with:
+        if not getattr(args, "out", None):
+            print("crossval --ensemble-with needs --out CV_DIR", file=sys.stderr)
+            return 2
+        dirs = [Path(args.out), *map(Path, args.ensemble_with)]
+        gain = ensemble_gain(dirs, n_boot=args.bootstrap)
+        print(json.dumps(gain["single"] + [gain["ensemble"]], indent=2))
+        mean = gain["paired_vs_first"]["mean"]
+        print(
+            f"ensemble - single (out of fold, paired patient bootstrap): "
+            f"{mean['difference']:+.4f} (95% CI {mean.get('ci_low', float('nan')):+.4f} to "
+            f"{mean.get('ci_high', float('nan')):+.4f}, p {mean.get('p_value', float('nan')):.3f})"
+        )
+        return 0
+    cfg = resolve_config(args)
+    if not cfg.out:
+        print("crossval needs --out CV_DIR", file=sys.stderr)
+        return 2
+    summary = run_crossval(
+        cfg,
+        cfg.out,
+        k=args.folds,
+        fold_seed=args.fold_seed,
+        folds_to_run=args.only_folds,
+        n_boot=args.bootstrap,
+    )
+    if summary:
+        lo, hi = summary["oof_mean_auroc_ci"]
+        src = summary["by_source"]
+        print(
+            f"{summary['arch']}: out-of-fold mean AUROC {summary['oof_mean_auroc']:.4f} "
+            f"(95% CI {lo:.4f}-{hi:.4f}, patient bootstrap) over {summary['images']} images / "
+            f"{summary['patients']} patients; 64 px sources {src['64px']['mean_auroc']:.4f}, "
+            f"larger sources {src['larger']['mean_auroc']:.4f}; {cfg.out}/summary.json"
         )
     return 0
 
@@ -250,7 +312,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    handlers = {"cache": _cache, "train": _train, "evaluate": _evaluate, "export": _export}
+    handlers = {
+        "cache": _cache,
+        "train": _train,
+        "crossval": _crossval,
+        "evaluate": _evaluate,
+        "export": _export,
+    }
     try:
         return handlers[args.command](args)
     except (FileNotFoundError, FileExistsError, ValueError) as exc:

@@ -123,6 +123,7 @@ def build_card(
     version: str,
     onnx_sha256: str,
     heatmap_method: str,
+    heatmap_shape: str = "per_image",
     val: dict[str, Any],
     test: dict[str, Any] | None,
     intended_use: str | None = None,
@@ -194,6 +195,7 @@ def build_card(
         labels=run.labels,
         input=InputSpec(**run.spec),
         heatmap_method=heatmap_method,
+        heatmap_shape=heatmap_shape,
         thresholds=Thresholds.model_validate(
             {k: v for k, v in thresholds.items() if k != "unfitted"}
         ),
@@ -248,6 +250,7 @@ def export_run(
             version=version,
             onnx_sha256=sha256_file(onnx_path),
             heatmap_method=module.method,
+            heatmap_shape=module.shape,
             val=val,
             test=test,
             intended_use=intended_use,

@@ -10,19 +10,31 @@ from training.zoo.factory import (
     unwrap,
     zoo_defaults,
 )
-from training.zoo.heatmap import AttentionRollout, ClassAgnosticCAM, with_heatmap
+from training.zoo.heatmap import (
+    AttentionRollout,
+    FoldEnsemble,
+    PerLabelCAM,
+    TokenCAM,
+    normalise_maps,
+    per_label_module,
+    with_heatmap,
+)
 from training.zoo.registry import REGISTRY, ZooEntry, list_models
 
 __all__ = [
     "REGISTRY",
     "AttentionRollout",
-    "ClassAgnosticCAM",
+    "FoldEnsemble",
+    "PerLabelCAM",
+    "TokenCAM",
     "ZooEntry",
     "count_parameters",
     "create_model",
     "data_config",
     "is_vit",
     "list_models",
+    "normalise_maps",
+    "per_label_module",
     "unwrap",
     "with_heatmap",
     "zoo_defaults",

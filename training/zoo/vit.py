@@ -50,6 +50,41 @@ def vit_v2(
     )
 
 
+def vit_p8(
+    *, num_classes: int, img_size: int, drop_rate: float = 0.1, drop_path_rate: float = 0.1
+) -> VisionTransformer:
+    """Patch 8 (an 8x8 token grid at 64 px), width 64, 6 blocks, mean-pooled tokens, no CLS.
+
+    The final LayerNorm acts on each token before the mean (``fc_norm=False``), so a label's logit
+    is the mean over tokens of that label's linear head applied to each token: the per-label
+    token map (CAM over patch tokens) then decomposes the logit exactly, as CAM does for a CNN.
+    """
+    return VisionTransformer(
+        img_size=img_size,
+        num_classes=num_classes,
+        patch_size=8,
+        embed_dim=64,
+        depth=6,
+        num_heads=4,
+        mlp_ratio=2.0,
+        class_token=False,
+        global_pool="avg",
+        fc_norm=False,
+        drop_rate=drop_rate,
+        pos_drop_rate=drop_rate,
+        proj_drop_rate=drop_rate,
+        drop_path_rate=drop_path_rate,
+    )
+
+
+register(
+    ZooEntry(
+        "vit-p8",
+        vit_p8,
+        "ViT patch 8, dim 64, depth 6, mean-pooled tokens: 8x8 per-label token CAM at 64 px",
+        defaults={"weight_decay": 0.1},
+    )
+)
 register(
     ZooEntry("vit-v1", vit_v1, "ViT patch 32, dim 64, depth 8, 4 heads, MLP x2 (from scratch)")
 )
