@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos"]
+ResizeMode = Literal["squash", "pad", "center_crop"]
 HeatmapMethod = Literal["attention_rollout", "cam"]
 # "per_image": output heatmap [N, h, w], one map explains every label; "per_label": [N, L, h, w],
 # one map per card label (class activation maps of that label's classifier weights).
@@ -28,6 +29,13 @@ class InputSpec(BaseModel):
     mean: tuple[float, float, float] = Field(examples=[(0.5, 0.5, 0.5)])
     std: tuple[float, float, float] = Field(examples=[(0.5, 0.5, 0.5)])
     interpolation: Interpolation = "bicubic"
+    resize: ResizeMode = Field(
+        "squash",
+        description="How an image whose aspect ratio differs from height:width reaches that "
+        "size, as the model was trained: squash (stretch to fit; the bundled models, trained on "
+        "square NIH images), pad (fit inside, black borders) or center_crop (fill, crop the "
+        "centre)",
+    )
 
     @model_validator(mode="after")
     def _positive_std(self) -> InputSpec:

@@ -3,6 +3,11 @@
 Resizing runs in Pillow's 32-bit float mode ("F"), so a 16-bit DICOM keeps its precision until
 the model sees it, and Pillow's resampling is antialiased when shrinking (the support of the
 filter grows with the scale), unlike a plain interpolating resize.
+
+An image whose aspect ratio differs from the card's height:width (a 35x43 cm detector) reaches
+that size as the card's ``input.resize`` says, i.e. as the model was trained: ``squash``
+(stretch; the bundled models, trained on square NIH images), ``pad`` (fit inside, black borders)
+or ``center_crop`` (fill, crop the centre). For a square image all three are the same resize.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from app.card import InputSpec
+from app.card import InputSpec, ResizeMode
 
 _FILTERS: dict[str, Image.Resampling] = {
     "nearest": Image.Resampling.NEAREST,
@@ -60,9 +65,46 @@ def resize_gray(
     return np.clip(out, 0.0, 1.0, out=out)
 
 
+def fit_gray(
+    pixels: np.ndarray,
+    height: int,
+    width: int,
+    interpolation: str = "bicubic",
+    resize: ResizeMode = "squash",
+) -> np.ndarray:
+    """:func:`resize_gray` to ``height`` x ``width`` with the aspect-ratio policy ``resize``."""
+    arr = as_unit_float(pixels)
+    rows, cols = arr.shape
+    if resize == "squash" or rows * width == cols * height:
+        return resize_gray(arr, height, width, interpolation)
+    if resize == "center_crop":
+        # Crop the source to the target's aspect first: fewer pixels to resample.
+        if rows * width > cols * height:  # taller than the target
+            keep = max(1, round(cols * height / width))
+            top = (rows - keep) // 2
+            arr = arr[top : top + keep]
+        else:
+            keep = max(1, round(rows * width / height))
+            left = (cols - keep) // 2
+            arr = arr[:, left : left + keep]
+        return resize_gray(arr, height, width, interpolation)
+    if resize == "pad":
+        scale = min(height / rows, width / cols)
+        inner_h = min(height, max(1, round(rows * scale)))
+        inner_w = min(width, max(1, round(cols * scale)))
+        out = np.zeros((height, width), dtype=np.float32)
+        top, left = (height - inner_h) // 2, (width - inner_w) // 2
+        out[top : top + inner_h, left : left + inner_w] = resize_gray(
+            arr, inner_h, inner_w, interpolation
+        )
+        return out
+    raise ValueError(f"unknown resize mode {resize!r}; use squash, pad or center_crop")
+
+
 def to_model_input(pixels: np.ndarray, spec: InputSpec) -> np.ndarray:
-    """Resize to the card's size, replicate to 3 channels, normalise: float32 [3, H, W]."""
-    gray = resize_gray(pixels, spec.height, spec.width, spec.interpolation)
+    """Resize to the card's size (its aspect policy), replicate to 3 channels, normalise:
+    float32 [3, H, W]."""
+    gray = fit_gray(pixels, spec.height, spec.width, spec.interpolation, spec.resize)
     out = np.empty((3, spec.height, spec.width), dtype=np.float32)
     for channel, (mean, std) in enumerate(zip(spec.mean, spec.std, strict=True)):
         np.subtract(gray, np.float32(mean), out=out[channel])
