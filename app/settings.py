@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     max_pixels: int = Field(
         60_000_000, gt=0, description="Largest decoded image (decompression-bomb guard)"
     )
+    eligibility: Literal["enforce", "warn"] = Field(
+        "enforce",
+        description="A DICOM that is not a frontal chest radiograph (docs/serving.md, "
+        "'Eligibility'): enforce = 422 not-eligible; warn = scored, with a warning",
+    )
     request_timeout_s: float = Field(60.0, gt=0, description="Per-request deadline (504 past it)")
     api_keys: str | None = Field(
         None, description="Comma-separated API keys, or a path to a file with one key per line"
