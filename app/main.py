@@ -19,6 +19,7 @@ from fastapi import params as fastapi_params
 from fastapi.responses import Response
 
 from app import __version__
+from app.api.docs import install_docs
 from app.api.errors import install_problem_handlers
 from app.api.limits import (
     MIB,
@@ -119,6 +120,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             "`application/problem+json`."
         ),
         lifespan=lifespan,
+        # /docs and /redoc come from install_docs: files shipped with the service, no CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     if settings is not None:
         app.dependency_overrides[get_settings] = lambda: settings
@@ -133,6 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.drain = Drain()
 
     install_problem_handlers(app)
+    install_docs(app)
 
     model_routes = APIRouter(dependencies=list(protected_dependencies(effective)))
     model_routes.add_api_route(
