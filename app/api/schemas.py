@@ -30,6 +30,24 @@ class DicomUIDs(BaseModel):
     sop_instance_uid: str | None = Field(examples=[_UID + ".3"])
 
 
+class ImageInfo(BaseModel):
+    """What was scored: coded DICOM values only (no patient field), null where absent.
+
+    For PNG/JPEG only ``rows``, ``columns`` and ``bits_stored`` (the file's bit depth) are set.
+    ``window_source`` says which VOI stage made the displayed image: the VOI LUT Sequence, the
+    Window Center/Width, or a min-max window over the image's own values (padding excluded).
+    """
+
+    modality: str | None = Field(examples=["DX"])
+    view_position: str | None = Field(examples=["PA"])
+    body_part: str | None = Field(description="BodyPartExamined", examples=["CHEST"])
+    photometric_interpretation: str | None = Field(examples=["MONOCHROME2"])
+    rows: int = Field(examples=[2500])
+    columns: int = Field(examples=[2048])
+    bits_stored: int | None = Field(examples=[12])
+    window_source: Literal["voi_lut", "window", "min_max"] | None = Field(examples=["window"])
+
+
 class Finding(BaseModel):
     """One model label: probability, the card's two thresholds, and the two flags.
 
@@ -98,6 +116,9 @@ class PredictResponse(BaseModel):
     request_id: str = Field(examples=["6f1c2b0e9d4a4c8f9a51a3e2d7b4c010"])
     model: ModelRef
     dicom: DicomUIDs | None = Field(description="Null for PNG and JPEG uploads")
+    image: ImageInfo | None = Field(
+        default=None, description="What was scored (DICOM attributes null for PNG/JPEG)"
+    )
     findings: list[Finding] = Field(description="One per model label, in model order")
     triage: Triage
     heatmap: Heatmap | None = Field(description="Null unless heatmap=true")
@@ -115,6 +136,16 @@ class PredictResponse(BaseModel):
                         "study_instance_uid": _UID + ".1",
                         "series_instance_uid": _UID + ".2",
                         "sop_instance_uid": _UID + ".3",
+                    },
+                    "image": {
+                        "modality": "DX",
+                        "view_position": "PA",
+                        "body_part": "CHEST",
+                        "photometric_interpretation": "MONOCHROME2",
+                        "rows": 2500,
+                        "columns": 2048,
+                        "bits_stored": 12,
+                        "window_source": "window",
                     },
                     "findings": [
                         {
