@@ -18,11 +18,14 @@ from app.api.schemas import (
     DicomUIDs,
     Finding,
     Heatmap,
+    ImageInfo,
     ModelRef,
     PredictResponse,
     TimingMs,
 )
 from app.card import ModelCard
+from app.imaging.decode import DecodedImage
+from app.imaging.eligibility import Refusal
 from app.imaging.heatmap import explained_label, overlay_png_base64, select_map
 from app.imaging.prepare import prepare
 from app.inference.batcher import MicroBatcher, NotAccepting
@@ -86,6 +89,60 @@ async def read_upload(request: Request) -> tuple[bytes, str | None]:
     if not data:
         raise Problem(400, "The upload is empty.", slug="empty-upload")
     return data, hint
+
+
+class NotEligible(Problem):
+    """422 ``not-eligible``: the DICOM header says this is not a frontal chest radiograph."""
+
+    def __init__(self, refusals: tuple[Refusal, ...]) -> None:
+        super().__init__(
+            422,
+            "Only frontal (PA/AP) chest radiographs are scored, and this DICOM is not one: "
+            + "; ".join(r.reason for r in refusals)
+            + ".",
+            slug="not-eligible",
+        )
+        self.refusals = refusals
+
+    def to_dict(self) -> dict[str, object]:
+        refusals = [
+            {"attribute": r.attribute, "value": r.value, "reason": r.reason} for r in self.refusals
+        ]
+        return {**super().to_dict(), "refusals": refusals}
+
+
+def eligibility_gate(decoded: DecodedImage, policy: str) -> list[str]:
+    """The response's warnings after DESIGN.md's eligibility policy (enforce: raise
+    :class:`NotEligible`; warn: say what would have been refused). PNG/JPEG carry no verdict."""
+    warnings = list(decoded.warnings)
+    verdict = decoded.eligibility
+    if verdict is None:
+        return warnings
+    if verdict.refusals:
+        if policy == "enforce":
+            raise NotEligible(verdict.refusals)
+        warnings.extend(
+            f"not eligible, scored anyway (CXR_ELIGIBILITY=warn): {r.reason}"
+            for r in verdict.refusals
+        )
+    warnings.extend(verdict.warnings)
+    return warnings
+
+
+def image_info(decoded: DecodedImage) -> ImageInfo | None:
+    meta = decoded.image
+    if meta is None:
+        return None
+    return ImageInfo(
+        modality=meta.modality,
+        view_position=meta.view_position,
+        body_part=meta.body_part,
+        photometric_interpretation=meta.photometric_interpretation,
+        rows=meta.rows,
+        columns=meta.columns,
+        bits_stored=meta.bits_stored,
+        window_source=meta.window_source,
+    )
 
 
 def ready_parts(request: Request) -> tuple[ModelRuntime, MicroBatcher, ThreadPoolExecutor]:
@@ -171,6 +228,7 @@ async def predict(
         if audit is not None:
             audit.note_image(prepared.decoded.source, prepared.decoded.dicom)
         metrics.decode_duration.observe(prepared.seconds)
+        warnings = eligibility_gate(prepared.decoded, settings.eligibility)
         result = await slot.submit(prepared.model_input)
     findings, triage = score(card, result.logits)
     if audit is not None:
@@ -198,10 +256,11 @@ async def predict(
             series_instance_uid=uids.series_instance_uid,
             sop_instance_uid=uids.sop_instance_uid,
         ),
+        image=image_info(prepared.decoded),
         findings=findings,
         triage=triage,
         heatmap=heatmap_out,
-        warnings=list(prepared.decoded.warnings),
+        warnings=warnings,
         timing_ms=TimingMs(
             decode=round(1000.0 * prepared.seconds, 2),
             queue=round(result.queue_ms, 2),
