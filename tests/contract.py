@@ -14,6 +14,7 @@ TOP_LEVEL_KEYS = {
     "request_id",
     "model",
     "dicom",
+    "image",
     "findings",
     "triage",
     "heatmap",
