@@ -25,7 +25,7 @@ def sigmoid(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = N_BINS) -> float:
-    """ECE over equal-width probability bins: sum over bins of |bin| / N * |frac. positive - mean p|.
+    """ECE over equal-width bins: sum over bins of |bin| / N * |positive fraction - mean p|.
 
     ``y`` and ``p`` may be [N, L]: multi-label pairs are pooled (each (image, label) pair is one
     prediction), the usual definition for sigmoid outputs.
@@ -35,7 +35,6 @@ def expected_calibration_error(y: np.ndarray, p: np.ndarray, n_bins: int = N_BIN
     if not len(p):
         return float("nan")
     bins = np.minimum((p * n_bins).astype(int), n_bins - 1)
-    count = np.bincount(bins, minlength=n_bins)
     sum_p = np.bincount(bins, weights=p, minlength=n_bins)
     sum_y = np.bincount(bins, weights=y, minlength=n_bins)
     return float(np.abs(sum_y - sum_p).sum() / len(p))

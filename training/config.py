@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -59,10 +60,26 @@ class TrainConfig:
     checkpoint: str | None = _f(None, "local weights (.safetensors/.pth/.pt) to start from")
     drop_rate: float | None = _f(None, "head/MLP dropout (default: the zoo's)")
     drop_path_rate: float | None = _f(None, "stochastic depth (default: the zoo's)")
+    model_kwargs: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": 'extra timm.create_model options (JSON), e.g. {"global_pool": "avg"}'},
+    )
+    checkpoint_min_loaded: float = _f(
+        0.95, "fail unless this fraction of the backbone's parameters loaded from --checkpoint"
+    )
+    mean: list[float] | None = field(
+        default=None, metadata={"help": "input mean (1 or 3 values; default: the model's)"}
+    )
+    std: list[float] | None = field(
+        default=None, metadata={"help": "input std (1 or 3 values; default: the model's)"}
+    )
     # optimisation
     epochs: int = _f(10, "epochs to train")
     batch_size: int = _f(32, "images per step per process")
-    lr: float = _f(1e-4, "peak AdamW learning rate (after warm-up)")
+    lr: float = _f(1e-4, "peak AdamW learning rate (after warm-up); ignored when base_lr is set")
+    base_lr: float | None = _f(
+        None, "lr per 256 images: peak lr = base_lr x global batch (batch x processes) / 256"
+    )
     min_lr: float = _f(1e-6, "learning rate at the end of the cosine")
     warmup_epochs: float = _f(1.0, "linear warm-up length in epochs (fractions allowed)")
     weight_decay: float | None = _f(None, "AdamW weight decay (default: the zoo's, else 0.05)")
@@ -81,6 +98,10 @@ class TrainConfig:
         default="none", metadata={"help": "none | label_count | effective (class-balanced)"}
     )
     sampler_beta: float = _f(0.999, "beta of the effective-number class weights")
+    label_smoothing: float = _f(0.0, "multi-label smoothing: targets y(1-e) + e/2 (0: off)")
+    ema_decay: float | None = _f(
+        None, "keep an EMA of the weights (e.g. 0.9998); it is validated and saved as best"
+    )
     # augmentation (chest-safe: no vertical flip, small geometry)
     augment: bool = _f(True, "random affine/intensity augmentation of training images")
     aug_rotate: float = _f(7.0, "max rotation in degrees")
@@ -89,6 +110,9 @@ class TrainConfig:
     aug_hflip: float = _f(0.0, "probability of a horizontal flip (off: the heart is on the left)")
     aug_brightness: float = _f(0.1, "max brightness shift (fraction of the range)")
     aug_contrast: float = _f(0.1, "max contrast change (fraction)")
+    randaug_n: int = _f(0, "chest-safe RandAugment: ops per image on the GPU (0: off)")
+    randaug_m: float = _f(9.0, "RandAugment magnitude, 0-10 (timm's scale)")
+    randaug_mstd: float = _f(0.5, "std of the per-image magnitude noise (timm's mstd)")
     # run
     out: str | None = _f(None, "run folder (checkpoints, metrics, splits)")
     seed: int = _f(0, "seed for splits, init, sampling and augmentation")
@@ -108,6 +132,8 @@ class TrainConfig:
     stop_after_epoch: int | None = _f(
         None, "end this invocation after this epoch, to --resume later (time-sliced jobs)"
     )
+    checkpoint_every: int = _f(1, "write last.pt every N epochs (and always at the end)")
+    checkpoint_async: bool = _f(True, "write checkpoints in a background thread")
     tensorboard: bool = _f(True, "also log to TensorBoard when it is installed")
     progress: bool = _f(True, "tqdm progress bars")
 
@@ -143,6 +169,31 @@ class TrainConfig:
             raise ValueError("val_fraction must be in (0, 1)")
         if self.image_size < 8:
             raise ValueError("image_size must be at least 8")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None:
+                if isinstance(value, int | float):
+                    value = [value]
+                value = [float(v) for v in value]
+                if len(value) == 1:
+                    value = value * 3
+                if len(value) != 3:
+                    raise ValueError(f"{name} takes 1 or 3 values, not {len(value)}")
+                setattr(self, name, value)
+        if self.std is not None and min(self.std) <= 0:
+            raise ValueError("std values must be > 0")
+        if self.model_kwargs is not None and not isinstance(self.model_kwargs, dict):
+            raise ValueError("model_kwargs must be a mapping of timm.create_model options")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError("label_smoothing must be in [0, 0.5)")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError("ema_decay must be in (0, 1)")
+        if not 0.0 < self.checkpoint_min_loaded <= 1.0:
+            raise ValueError("checkpoint_min_loaded must be in (0, 1]")
+        if self.checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be >= 1")
+        if self.randaug_n < 0 or not 0.0 <= self.randaug_m <= 10.0:
+            raise ValueError("randaug_n must be >= 0 and randaug_m in [0, 10]")
 
 
 def _literal_choices(tp: Any) -> tuple[Any, ...]:
@@ -170,8 +221,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
         default = "" if f.default is None else f" (default: {f.default})"
         kwargs["help"] = f.metadata.get("help", "") + default
-        if _base_type(tp) is bool:
+        base = _base_type(tp)
+        if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(base) is list:
+            kwargs.update(type=float, nargs="+", metavar="V")
+        elif get_origin(base) is dict:
+            kwargs.update(type=_json_mapping, metavar="JSON")
         else:
             kwargs["type"] = _base_type(tp)
             choices = _literal_choices(tp)
@@ -182,6 +238,13 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             if choices:
                 kwargs["choices"] = choices
         parser.add_argument(flag, **kwargs)
+
+
+def _json_mapping(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('expected a JSON object, e.g. {"global_pool": "avg"}')
+    return value
 
 
 def resolve_config(args: argparse.Namespace, *, base: dict[str, Any] | None = None) -> TrainConfig:

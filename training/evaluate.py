@@ -1,9 +1,13 @@
 """Evaluate a run's best weights: AUROC with CIs, thresholds from validation, ROC curves.
 
 ``cxr-triage evaluate --run RUN [--split val|test]`` writes RUN/eval/<split>.json (per-label AUROC
-with bootstrap CIs, mean over the 14 pathologies, sensitivity/specificity/PPV at the screening and
-diagnosis thresholds) and RUN/eval/<split>_roc.png. Thresholds are always fitted on the validation
-split (RUN/eval/thresholds.json), then applied unchanged to the split evaluated.
+with patient-level bootstrap CIs, mean over the 14 pathologies, sensitivity/specificity/PPV at the
+screening and diagnosis thresholds, ECE before and after temperature scaling, AUROC by view, sex
+and age band), RUN/eval/<split>_roc.png and RUN/eval/<split>_reliability.png. The temperature
+and the thresholds are always fitted on the validation split (RUN/eval/thresholds.json), in that
+order (thresholds on calibrated probabilities, as the service applies them), then applied
+unchanged to the split evaluated. ``compare_runs`` is ``cxr-triage compare``: a paired
+patient-level bootstrap of two runs on the same images.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ from torch import nn
 from app.labels import PATHOLOGIES
 from training.augment import Normalizer
 from training.cache import Cache, open_cache
+from training.calibration import calibration_report, plot_reliability, sigmoid
 from training.config import TrainConfig
 from training.dataset import CachedImages
 from training.distributed import DistInfo, resolve_device
-from training.metrics import auroc_table, fit_thresholds, threshold_report
-from training.trainer import predict
+from training.metrics import auroc_table, fit_thresholds, paired_comparison, threshold_report
+from training.subgroups import metadata_for, subgroup_table
+from training.trainer import predict_logits
 from training.zoo import create_model
 
 log = logging.getLogger(__name__)
@@ -51,8 +57,15 @@ class LoadedRun:
     def positions(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.split == split)
 
+    def patients(self, split: str) -> np.ndarray:
+        """Patient id of each image of ``split``: the bootstrap's resampling unit."""
+        return self.cache.index["patient_id"].astype(str).to_numpy()[self.positions(split)]
 
-def load_run(run_dir: str | Path, *, device: str = "cpu", cache: str | None = None) -> LoadedRun:
+    def files(self, split: str) -> list[str]:
+        return self.cache.index["file"].astype(str).to_numpy()[self.positions(split)].tolist()
+
+
+def load_run(run_dir: str | Path, *, device: str = "auto", cache: str | None = None) -> LoadedRun:
     """Rebuild the model from RUN/config.yaml and load RUN/best.pt (random init never leaks out)."""
     run_dir = Path(run_dir)
     best_path = run_dir / "best.pt"
@@ -70,6 +83,7 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", cache: str | None = No
         img_size=cfg.image_size,
         drop_rate=cfg.drop_rate,
         drop_path_rate=cfg.drop_path_rate,
+        **(cfg.model_kwargs or {}),
     )
     model.load_state_dict(best["model"])
     dev = resolve_device(device, DistInfo())
@@ -95,22 +109,28 @@ def load_run(run_dir: str | Path, *, device: str = "cpu", cache: str | None = No
     )
 
 
-def split_predictions(
+def _cache_source(cache: Cache) -> str | None:
+    """The labels CSV a cache was built from (where the view/sex/age metadata lives)."""
+    info = cache.path / "cache.json"
+    return json.loads(info.read_text()).get("source") or None if info.is_file() else None
+
+
+def split_logits(
     run: LoadedRun, split: str, *, batch_size: int = 64, progress: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(probs, targets) for one split, cached in RUN/eval/preds_<split>.npz per best.pt version.
+    """(logits, targets) for one split, cached in RUN/eval/preds_<split>.npz per best.pt version.
 
-    Always float32, like the exported graph: thresholds are set on the probabilities serving
-    will produce, not on bf16 approximations of them.
+    Always float32, like the exported graph: the temperature and thresholds are set on the
+    outputs serving will produce, not on bf16 approximations of them.
     """
     out = run.run_dir / "eval" / f"preds_{split}.npz"
     if out.is_file():
         saved = np.load(out)
-        if str(saved["weights_id"]) == run.weights_id:
-            return saved["probs"], saved["targets"]
+        if str(saved["weights_id"]) == run.weights_id and "logits" in saved.files:
+            return saved["logits"], saved["targets"]
     ds = CachedImages(run.cache, run.positions(split))
     norm = Normalizer(run.spec["mean"], run.spec["std"], run.device)
-    probs, _ = predict(
+    logits, _ = predict_logits(
         run.model,
         ds,
         norm,
@@ -120,8 +140,22 @@ def split_predictions(
         desc=f"predict {split}",
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, probs=probs, targets=ds.targets, weights_id=run.weights_id)
-    return probs, ds.targets
+    np.savez(
+        out,
+        logits=logits,
+        probs=sigmoid(logits).astype(np.float32),
+        targets=ds.targets,
+        weights_id=run.weights_id,
+    )
+    return logits, ds.targets
+
+
+def split_predictions(
+    run: LoadedRun, split: str, *, batch_size: int = 64, progress: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """(uncalibrated sigmoid probabilities, targets) for one split."""
+    logits, targets = split_logits(run, split, batch_size=batch_size, progress=progress)
+    return sigmoid(logits), targets
 
 
 def plot_roc(
@@ -163,7 +197,7 @@ def evaluate_run(
     run_dir: str | Path,
     *,
     split: str = "test",
-    device: str = "cpu",
+    device: str = "auto",
     batch_size: int = 64,
     n_boot: int = 1000,
     target_sensitivity: float = 0.95,
@@ -171,47 +205,136 @@ def evaluate_run(
     seed: int = 0,
     progress: bool = True,
     run: LoadedRun | None = None,
+    calibrate: bool = True,
+    subgroup_boot: int | None = None,
 ) -> dict[str, Any]:
-    """Metrics of ``split`` (with thresholds fitted on val); writes RUN/eval/<split>.json + PNG."""
+    """Metrics of ``split`` (temperature and thresholds fitted on val); writes JSON + two PNGs."""
     run = run or load_run(run_dir, device=device)
     if not len(run.positions("val")):
         raise ValueError("the run has no validation images to fit thresholds on")
     if not len(run.positions(split)):
         raise ValueError(f"the run's {split!r} split is empty")
-    val_probs, val_targets = split_predictions(run, "val", batch_size=batch_size, progress=progress)
+    val_logits, val_targets = split_logits(run, "val", batch_size=batch_size, progress=progress)
+    logits, targets = (
+        (val_logits, val_targets)
+        if split == "val"
+        else split_logits(run, split, batch_size=batch_size, progress=progress)
+    )
+    calibration = calibration_report(
+        val_logits, val_targets, logits, targets, split=split, fit=calibrate
+    )
+    temperature = calibration["temperature"]
     thresholds = fit_thresholds(
         val_targets,
-        val_probs,
+        sigmoid(val_logits, temperature),
         run.labels,
         target_sensitivity=target_sensitivity,
         diagnosis_method=diagnosis_method,
     )
-    probs, targets = (
-        (val_probs, val_targets)
-        if split == "val"
-        else split_predictions(run, split, batch_size=batch_size, progress=progress)
+    probs = sigmoid(logits, temperature)
+    groups = run.patients(split)
+    table = auroc_table(targets, probs, run.labels, n_boot=n_boot, seed=seed, groups=groups)
+    meta = metadata_for(run.files(split), run.cfg.labels or _cache_source(run.cache))
+    table["subgroups"] = (
+        subgroup_table(
+            targets,
+            probs,
+            run.labels,
+            meta,
+            groups,
+            n_boot=n_boot if subgroup_boot is None else subgroup_boot,
+            seed=seed,
+        )
+        if meta is not None
+        else {}
     )
-    table = auroc_table(targets, probs, run.labels, n_boot=n_boot, seed=seed)
     result = {
         "split": split,
         "metrics": table,
+        "calibration": calibration,
         "operating_points": threshold_report(targets, probs, run.labels, thresholds),
         "thresholds_fitted_on": "val",
     }
     out = run.run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
+    thresholds["temperature"] = temperature
     (out / "thresholds.json").write_text(json.dumps(thresholds, indent=2) + "\n")
     (out / f"{split}.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot_roc(
-        targets,
-        probs,
-        run.labels,
-        table,
-        out / f"{split}_roc.png",
-        f"{run.cfg.arch} on {split} ({len(targets)} images)",
-    )
+    title = f"{run.cfg.arch} on {split} ({len(targets)} images)"
+    plot_roc(targets, probs, run.labels, table, out / f"{split}_roc.png", title)
+    plot_reliability(targets, logits, temperature, out / f"{split}_reliability.png", title)
     result["thresholds"] = thresholds
     return result
+
+
+def compare_runs(
+    run_a: str | Path,
+    run_b: str | Path,
+    *,
+    split: str = "test",
+    device: str = "auto",
+    batch_size: int = 64,
+    n_boot: int = 2000,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Paired patient-level bootstrap of AUROC(A) - AUROC(B) on the images both runs hold.
+
+    The two runs may use different caches (image sizes); images are matched by file path, and
+    the comparison refuses when the runs' ``split`` share no images or disagree on a label.
+    Temperature scaling leaves AUROC unchanged, so raw probabilities are compared.
+    """
+    a = load_run(run_a, device=device)
+    b = load_run(run_b, device=device)
+    if a.labels != b.labels:
+        raise ValueError(f"{run_a} and {run_b} have different label lists")
+    files_a, files_b = a.files(split), b.files(split)
+    common = sorted(set(files_a) & set(files_b))
+    if not common:
+        raise ValueError(f"the runs' {split!r} splits share no images")
+    pos_a = {f: i for i, f in enumerate(files_a)}
+    pos_b = {f: i for i, f in enumerate(files_b)}
+    ia = np.array([pos_a[f] for f in common])
+    ib = np.array([pos_b[f] for f in common])
+    pa, ya = split_predictions(a, split, batch_size=batch_size, progress=progress)
+    pb, yb = split_predictions(b, split, batch_size=batch_size, progress=progress)
+    if not np.array_equal(ya[ia], yb[ib]):
+        raise ValueError("the runs disagree on the labels of shared images")
+    result = paired_comparison(
+        ya[ia], pa[ia], pb[ib], a.labels, groups=a.patients(split)[ia], n_boot=n_boot, seed=seed
+    )
+    result.update(
+        split=split,
+        run_a=str(a.run_dir),
+        run_b=str(b.run_dir),
+        images_only_in_a=len(files_a) - len(common),
+        images_only_in_b=len(files_b) - len(common),
+    )
+    return result
+
+
+def format_comparison(result: dict[str, Any]) -> str:
+    """Per-label and mean AUROC of A and B, the difference, its paired 95% CI and p-value."""
+
+    def f(v: float | None) -> str:
+        return "  -  " if v is None else f"{v:+.3f}" if v < 0 else f"{v:.3f}"
+
+    lines = [
+        f"A = {result['run_a']}\nB = {result['run_b']}",
+        f"split {result['split']}: {result['n_images']} shared images; paired "
+        f"{result['bootstrap_unit']}-level bootstrap, {result['bootstrap_replicates']} replicates",
+        f"{'label':<19}{'A':>6} {'B':>6} {'A-B':>7} {'95% CI':>16} {'p':>7}",
+    ]
+    rows = list(result["per_label"].items())
+    if "mean" in result:
+        rows.append((f"mean ({len(result['mean_over'])})", result["mean"]))
+    for name, e in rows:
+        ci = f"{e.get('ci_low', 0):+.3f}..{e.get('ci_high', 0):+.3f}" if "ci_low" in e else "-"
+        p = f"{e['p_value']:.4f}" if "p_value" in e else "-"
+        lines.append(
+            f"{name:<19}{e['a']:>6.3f} {e['b']:>6.3f} {e['difference']:>+7.3f} {ci:>16} {p:>7}"
+        )
+    return "\n".join(lines)
 
 
 def format_report(result: dict[str, Any]) -> str:
@@ -236,9 +359,27 @@ def format_report(result: dict[str, Any]) -> str:
             f"{f(d['sensitivity']):>7} {f(d['specificity']):>5} {f(d['ppv']):>5}"
         )
     ci = f"{f(m['mean_auroc_ci_low'])}-{f(m['mean_auroc_ci_high'])}"
+    unit = m.get("bootstrap_unit", "image")
+    patients = f", {m['n_patients']} patients" if m.get("n_patients") else ""
     lines.append(
-        f"mean AUROC over {len(m['mean_over'])} pathologies: {f(m['mean_auroc'])} (95% CI {ci})"
+        f"mean AUROC over {len(m['mean_over'])} pathologies: {f(m['mean_auroc'])} (95% CI {ci}; "
+        f"{unit}-level bootstrap{patients})"
     )
     if m["skipped"]:
         lines.append(f"no AUROC (one class only in this split): {', '.join(m['skipped'])}")
+    cal = result.get("calibration")
+    if cal:
+        before, after = cal["ece_before"], cal["ece_after"]
+        lines.append(
+            f"calibration: temperature {cal['temperature']:.4f} ({cal['method']}, fitted on "
+            f"{cal['fitted_on'] or '-'}); ECE ({cal['ece_bins']} bins, all labels pooled) "
+            + "; ".join(f"{k} {before[k]:.4f} -> {after[k]:.4f}" for k in before)
+        )
+    for attr, levels in m.get("subgroups", {}).items():
+        parts = [
+            f"{level} {f(g['mean_auroc'])} ({f(g['mean_auroc_ci_low'])}-"
+            f"{f(g['mean_auroc_ci_high'])}, n={g['n_images']})"
+            for level, g in levels.items()
+        ]
+        lines.append(f"mean AUROC by {attr}: " + "; ".join(parts))
     return "\n".join(lines)

@@ -134,7 +134,7 @@ def auroc_table(
 
     out: dict[str, Any] = {
         "n_images": n,
-        "n_patients": None if groups is None else int(len(np.unique(np.asarray(groups)))),
+        "n_patients": None if groups is None else len(np.unique(np.asarray(groups))),
         "bootstrap_unit": "patient" if groups is not None else "image",
         "bootstrap_replicates": n_boot,
         "mean_auroc": None,

@@ -47,9 +47,9 @@ def read_metadata(csv_path: str | Path) -> pd.DataFrame:
         values = raw[col].str.strip()
         if attr == "age":
             years = pd.to_numeric(values.str.rstrip("Yy"), errors="coerce")
-            out["age_band"] = pd.cut(
-                years, AGE_BANDS, right=False, labels=list(AGE_NAMES)
-            ).astype(str)
+            out["age_band"] = pd.cut(years, AGE_BANDS, right=False, labels=list(AGE_NAMES)).astype(
+                str
+            )
             out.loc[years.isna(), "age_band"] = ""
         else:
             out[attr] = values.str.upper()

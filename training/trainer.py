@@ -4,10 +4,12 @@ A run folder holds everything a run needs to be resumed, evaluated and exported:
 
     RUN/config.yaml        the resolved TrainConfig
     RUN/splits.csv         file, patient_id, split (train/val/test) of every cached image
-    RUN/last.pt            full state after the last finished epoch (for --resume)
+    RUN/last.pt            full state (every rank's RNG too) every ``checkpoint_every`` epochs
+                           and at the end, written in a background thread (for --resume)
     RUN/best.pt            weights of the best epoch by validation mean AUROC (restored at the end)
     RUN/metrics.csv        one row per epoch; RUN/train_steps.csv one row per optimiser step
-    RUN/run.json           summary: input spec, labels, counts, best epoch, commit
+    RUN/run.json           summary: input spec, labels, counts, best epoch, commit, the
+                           effective lr (base_lr x global batch / 256) and the checkpoint report
     RUN/tensorboard/       when TensorBoard is installed
 """
 
@@ -22,6 +24,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,13 +34,15 @@ import pandas as pd
 import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
 from app.labels import NIH_LABELS
 from training import distributed as D
-from training.augment import AugmentConfig, Normalizer
+from training.augment import AugmentConfig, Normalizer, RandAugmentConfig
 from training.cache import Cache, build_cache, open_cache
+from training.checkpoint import load_checkpoint
 from training.config import TrainConfig
 from training.data import assign_splits, read_labels, split_summary
 from training.dataset import CachedImages, EpochSampler, make_loader, sample_weights, shard
@@ -82,9 +87,20 @@ def channels_last(cfg: TrainConfig, model: nn.Module) -> bool:
 def prepare_cache(cfg: TrainConfig, run_dir: Path, interpolation: str, info: D.DistInfo) -> Cache:
     """Open ``cfg.cache``, or build it (rank 0) from ``cfg.labels`` at ``cfg.image_size``."""
     path = Path(cfg.cache) if cfg.cache else run_dir / "cache"
-    if not (path / "cache.json").is_file():
+    # one decision for all ranks: a rank that looked a moment later could see rank 0's half-built
+    # cache, skip the barrier the others wait in, and read a partial index
+    build = D.broadcast_object(not (path / "cache.json").is_file(), info)
+    if build:
         if not cfg.labels:
             raise ValueError(f"no cache at {path} and no --labels CSV to build one from")
+        if info.enabled:
+            # building 112k images takes far longer than the process group's timeout, during
+            # which every other rank would hang in the barrier
+            raise ValueError(
+                f"no cache at {path}: build it before torchrun with `cxr-triage cache --labels "
+                f"{cfg.labels} --out {path} --image-size {cfg.image_size}` (a multi-process run "
+                "does not build one)"
+            )
         if info.is_main:
             table = read_labels(
                 cfg.labels, image_root=cfg.image_root, official_lists=cfg.official_lists
@@ -111,7 +127,7 @@ def prepare_cache(cfg: TrainConfig, run_dir: Path, interpolation: str, info: D.D
     return cache
 
 
-def predict(
+def predict_logits(
     model: nn.Module,
     dataset: CachedImages,
     normalizer: Normalizer,
@@ -122,9 +138,13 @@ def predict(
     progress: bool = False,
     desc: str = "predict",
 ) -> tuple[np.ndarray, float]:
-    """Sigmoid probabilities [N, L] in dataset order (and the summed loss when ``loss_fn``)."""
+    """float32 logits [N, L] in dataset order (and the summed loss when ``loss_fn``).
+
+    Logits rather than probabilities: temperature scaling is fitted on them, and sigmoid of a
+    float32 logit beyond about 17 rounds to exactly 1.0.
+    """
     model.eval()
-    probs: list[torch.Tensor] = []
+    out: list[torch.Tensor] = []
     loss_sum = 0.0
     loader = make_loader(dataset, batch_size)
     with torch.inference_mode(), autocast(normalizer.device, amp):
@@ -133,10 +153,85 @@ def predict(
             if loss_fn is not None:
                 loss = loss_fn(logits, targets.to(logits.device))
                 loss_sum += float(loss) * len(images)
-            probs.append(torch.sigmoid(logits).cpu())
-    if not probs:
+            out.append(logits.cpu())
+    if not out:
         return np.zeros((0, dataset.targets.shape[1]), np.float32), 0.0
-    return torch.cat(probs).numpy(), loss_sum
+    return torch.cat(out).numpy(), loss_sum
+
+
+def predict(
+    model: nn.Module,
+    dataset: CachedImages,
+    normalizer: Normalizer,
+    **kwargs: Any,
+) -> tuple[np.ndarray, float]:
+    """Sigmoid probabilities [N, L] in dataset order (and the summed loss when ``loss_fn``)."""
+    logits, loss_sum = predict_logits(model, dataset, normalizer, **kwargs)
+    return torch.sigmoid(torch.from_numpy(logits)).numpy(), loss_sum
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """A detached CPU copy of every tensor in ``obj``: a snapshot the background writer owns."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+class CheckpointWriter:
+    """Writes checkpoints atomically (tmp + rename), in a background thread when ``background``.
+
+    The state is copied to CPU memory synchronously (a consistent snapshot: training goes on
+    changing the live tensors), then serialised off the training thread; a ViT-B/16 last.pt with
+    AdamW state is ~1 GB, seconds of disk time that would otherwise stall every GPU. One write is
+    in flight at most; ``wait`` re-raises a failed write.
+    """
+
+    def __init__(self, run_dir: Path, *, background: bool) -> None:
+        self.run_dir = run_dir
+        self.pool = ThreadPoolExecutor(max_workers=1) if background else None
+        self.pending: Future | None = None
+
+    def _write(self, obj: dict[str, Any], name: str) -> None:
+        tmp = self.run_dir / f".{name}.tmp"
+        torch.save(obj, tmp)
+        os.replace(tmp, self.run_dir / name)
+
+    def save(self, obj: dict[str, Any], name: str) -> None:
+        self.wait()
+        snapshot = _cpu_copy(obj)
+        if self.pool is None:
+            self._write(snapshot, name)
+        else:
+            self.pending = self.pool.submit(self._write, snapshot, name)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def close(self) -> None:
+        self.wait()
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def effective_lr(cfg: TrainConfig, world: int) -> tuple[float, int, str]:
+    """(peak lr, global batch, rule): base_lr x global batch / 256 when base_lr is set."""
+    global_batch = cfg.batch_size * world
+    if cfg.base_lr is not None:
+        return cfg.base_lr * global_batch / 256, global_batch, "base_lr x global_batch / 256"
+    return cfg.lr, global_batch, "lr as given (not scaled with the global batch)"
+
+
+def _rng_state() -> dict[str, Any]:
+    return {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 @dataclass
@@ -185,14 +280,33 @@ class Trainer:
             cfg.arch,
             num_classes=len(self.labels),
             img_size=cfg.image_size,
-            pretrained=cfg.pretrained,
-            checkpoint=cfg.checkpoint,
+            pretrained=cfg.pretrained and not cfg.checkpoint,
             drop_rate=cfg.drop_rate,
             drop_path_rate=cfg.drop_path_rate,
+            **(cfg.model_kwargs or {}),
         )
+        self.checkpoint_report: dict[str, Any] | None = None
+        if cfg.checkpoint and not resume:
+            report = load_checkpoint(model, cfg.checkpoint, min_fraction=cfg.checkpoint_min_loaded)
+            self.checkpoint_report = {
+                k: v
+                for k, v in report.to_dict().items()
+                if k not in ("loaded",)  # the names of what loaded add nothing but length
+            }
+            self.checkpoint_report["loaded"] = len(report.loaded)
+            if self.info.is_main:
+                log.info("checkpoint: %s", report.summary())
+        # the same init on every rank (DDP also broadcasts rank 0's weights), then a different
+        # stream per rank: the same seed everywhere gives every rank the same drop-path and
+        # dropout masks, which wastes the extra ranks' regularisation
+        torch.manual_seed(cfg.seed + self.info.rank)
         spec = data_config(model, img_size=cfg.image_size)
         if cfg.interpolation:
             spec["interpolation"] = cfg.interpolation
+        if cfg.mean is not None:
+            spec["mean"] = tuple(cfg.mean)
+        if cfg.std is not None:
+            spec["std"] = tuple(cfg.std)
         self.cache = prepare_cache(cfg, self.run_dir, spec["interpolation"], self.info)
         if self.cache.interpolation != spec["interpolation"]:
             log.warning(
@@ -251,10 +365,11 @@ class Trainer:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.model = model
+        self.lr, self.global_batch, self.lr_rule = effective_lr(cfg, self.info.world)
         self.optimizer = create_optimizer_v2(
             model,
             opt="adamw",
-            lr=cfg.lr,
+            lr=self.lr,
             weight_decay=self.weight_decay,
             layer_decay=cfg.layer_decay,
             fused=True if self.device.type == "cuda" else None,
@@ -266,7 +381,7 @@ class Trainer:
             t_initial=max(1, total - warmup),
             lr_min=cfg.min_lr,
             warmup_t=warmup,
-            warmup_lr_init=min(cfg.min_lr, cfg.lr),
+            warmup_lr_init=min(cfg.min_lr, self.lr),
             warmup_prefix=True,
             t_in_epochs=False,
         )
@@ -274,8 +389,13 @@ class Trainer:
         self.normalizer = Normalizer(
             spec["mean"], spec["std"], self.device, channels_last=self.channels_last
         )
-        self.aug = (
-            AugmentConfig(
+        self.aug: AugmentConfig | RandAugmentConfig | None = None
+        if cfg.augment and cfg.randaug_n > 0:
+            self.aug = RandAugmentConfig(
+                cfg.randaug_n, cfg.randaug_m, cfg.randaug_mstd, cfg.aug_hflip
+            )
+        elif cfg.augment:
+            self.aug = AugmentConfig(
                 cfg.aug_rotate,
                 cfg.aug_translate,
                 cfg.aug_scale,
@@ -283,9 +403,14 @@ class Trainer:
                 cfg.aug_brightness,
                 cfg.aug_contrast,
             )
-            if cfg.augment
+        # EMA weights are what validation scores and best.pt keeps when it is on
+        self.ema = (
+            ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True)
+            if cfg.ema_decay is not None
             else None
         )
+        self.writer = CheckpointWriter(self.run_dir, background=cfg.checkpoint_async)
+        self.timing = {"data_s": 0.0, "compute_s": 0.0}
         self.state = State()
         if resume:
             self._load_last()
@@ -293,30 +418,32 @@ class Trainer:
         # needs no scheduler state: the cosine is rebuilt from the config and set to this step
         self.scheduler.step_update(self.state.global_step)
         self.net: nn.Module = model
-        if cfg.compile:
-            self.net = torch.compile(self.net)
         if self.info.enabled:
             self.net = nn.parallel.DistributedDataParallel(
                 self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+        if cfg.compile:
+            # after the DDP wrap, so dynamo sees DDP's bucket boundaries and splits the graph
+            # there (DDPOptimizer), overlapping gradient all-reduce with the backward pass
+            self.net = torch.compile(self.net)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else unwrap(self.model)
 
     # checkpoints ------------------------------------------------------------------------------
-    def _checkpoint(self) -> dict[str, Any]:
+    def _checkpoint(self, rng: list[dict[str, Any]]) -> dict[str, Any]:
+        """last.pt; ``rng`` is every rank's RNG state in rank order (see ``_load_last``)."""
         return {
             "model": unwrap(self.model).state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "state": self.state.__dict__,
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "rng": rng,
             "config": self.cfg.to_dict(),
             "spec": self.spec,
             "labels": self.labels,
         }
-
-    def _save(self, obj: dict[str, Any], name: str) -> None:
-        tmp = self.run_dir / f".{name}.tmp"
-        torch.save(obj, tmp)
-        os.replace(tmp, self.run_dir / name)
 
     def _load_last(self) -> None:
         path = self.run_dir / "last.pt"
@@ -324,11 +451,25 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no checkpoint at {path}")
         ck = torch.load(path, map_location="cpu", weights_only=True)
         self.model.load_state_dict(ck["model"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(ck.get("ema") or ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.state = State(**ck["state"])
-        torch.set_rng_state(ck["rng_cpu"])
-        if ck["rng_cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ck["rng_cuda"])
+        rng = ck.get("rng") or [{"cpu": ck["rng_cpu"], "cuda": ck["rng_cuda"]}]  # older runs
+        if len(rng) == self.info.world:
+            torch.set_rng_state(rng[self.info.rank]["cpu"])
+            if rng[self.info.rank]["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng[self.info.rank]["cuda"])
+        else:
+            log.warning(
+                "last.pt holds the RNG state of %d ranks, this run has %d: random streams are "
+                "re-seeded (the resumed run is not bit-identical to an uninterrupted one)",
+                len(rng),
+                self.info.world,
+            )
+            torch.manual_seed(self.cfg.seed + 7919 * (self.state.epoch + 1) + self.info.rank)
+        if self.info.is_main:
+            self._truncate_logs(self.state.epoch + 1)
         log.info(
             "resumed %s after epoch %d (step %d)",
             self.run_dir,
@@ -345,13 +486,19 @@ class Trainer:
             yield batch
 
     def train_epoch(self, epoch: int) -> tuple[float, list[float], float]:
-        """One epoch; returns mean loss, per-step losses and images/s."""
+        """One epoch; returns mean loss, per-step losses and images/s.
+
+        ``self.timing`` gets the seconds spent waiting for the loader (``data_s``) apart from the
+        rest of the step (``compute_s``): a data-bound run shows it there, not as a slow GPU.
+        """
         self.net.train()
         gen = torch.Generator().manual_seed(
             (self.cfg.seed * 1_000_003 + epoch) * 97 + self.info.rank
         )
         losses: list[torch.Tensor] = []
         seen = 0
+        data_s = 0.0
+        smoothing = self.cfg.label_smoothing
         start = time.perf_counter()
         bar = tqdm(
             total=self.steps_per_epoch,
@@ -359,9 +506,18 @@ class Trainer:
             leave=False,
             disable=not (self.cfg.progress and self.info.is_main),
         )
-        for images, targets in self._batches(epoch):
+        batches = self._batches(epoch)
+        while True:
+            t_wait = time.perf_counter()
+            batch = next(batches, None)
+            data_s += time.perf_counter() - t_wait
+            if batch is None:
+                break
+            images, targets = batch
             x = self.normalizer(images, aug=self.aug, generator=gen)
             y = targets.to(self.device, non_blocking=True)
+            if smoothing:
+                y = y * (1.0 - smoothing) + 0.5 * smoothing
             with autocast(self.device, self.cfg.amp):
                 logits = self.net(x)
             loss = self.loss_fn(logits.float(), y)
@@ -371,6 +527,8 @@ class Trainer:
                 nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
             self.optimizer.step()
             self.state.global_step += 1
+            if self.ema is not None:
+                self.ema.update(self.model, step=self.state.global_step)
             self.scheduler.step_update(self.state.global_step)
             losses.append(loss.detach())
             seen += len(images)
@@ -381,6 +539,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - start
+        self.timing = {"data_s": data_s, "compute_s": elapsed - data_s}
         step_losses = torch.stack(losses).float().cpu().tolist() if losses else []
         if not all(math.isfinite(v) for v in step_losses):
             raise FloatingPointError(f"loss became non-finite in epoch {epoch + 1}; lower --lr")
@@ -396,10 +555,10 @@ class Trainer:
         """
         bs = self.cfg.eval_batch_size or 2 * self.cfg.batch_size
         if self.info.enabled:
-            for buffer in unwrap(self.model).buffers():
+            for buffer in self.eval_model.buffers():
                 torch.distributed.broadcast(buffer, src=0)
         probs, loss_sum = predict(
-            unwrap(self.model),
+            self.eval_model,
             self.val_ds,
             self.normalizer,
             batch_size=bs,
@@ -432,13 +591,17 @@ class Trainer:
                 }
             ).to_csv(self.run_dir / "splits.csv", index=False)
             log.info(
-                "%s: %d parameters; %s; %d steps/epoch on %s x%d",
+                "%s: %d parameters; %s; %d steps/epoch on %s x%d; peak lr %.3g (%s, global "
+                "batch %d)",
                 cfg.arch,
                 count_parameters(self.model),
                 self.counts,
                 self.steps_per_epoch,
                 self.device,
                 info.world,
+                self.lr,
+                self.lr_rule,
+                self.global_batch,
             )
         writer = self._tensorboard() if info.is_main else None
         finished = True
@@ -454,32 +617,48 @@ class Trainer:
                 state.best_score, state.best_epoch, state.bad_epochs = score, epoch, 0
             else:
                 state.bad_epochs += 1
+            early_stop = bool(cfg.patience and state.bad_epochs >= cfg.patience)
+            pause = bool(
+                cfg.stop_after_epoch
+                and epoch + 1 >= cfg.stop_after_epoch
+                and epoch + 1 < cfg.epochs
+            )
+            group_lrs = [g["lr"] for g in self.optimizer.param_groups]
             row = {
                 "epoch": epoch + 1,
                 "train_loss": train_loss,
                 "val_images": val["val_images"],
                 "val_loss": val["val_loss"],
                 "val_mean_auroc": val["val_mean_auroc"],
-                "lr": self.optimizer.param_groups[0]["lr"],
+                # the head's (largest) lr: with layer decay group 0 is the patch embedding's
+                "lr": max(group_lrs),
+                "lr_min_group": min(group_lrs),
                 "train_img_s": img_s,
+                "data_s": self.timing["data_s"],
+                "compute_s": self.timing["compute_s"],
                 "epoch_s": time.perf_counter() - t0,
                 "best": improved,
             }
             state.history.append(row)
+            last_here = epoch + 1 == cfg.epochs or early_stop or pause
+            write_last = last_here or (epoch + 1) % cfg.checkpoint_every == 0
+            rng = D.gather_objects(_rng_state(), info) if write_last else []
             if info.is_main:
                 if improved:
-                    self._save(
+                    self.writer.save(
                         {
-                            "model": unwrap(self.model).state_dict(),
+                            "model": self.eval_model.state_dict(),
                             "epoch": epoch,
                             "score": score,
+                            "ema": self.ema is not None,
                             "config": cfg.to_dict(),
                             "spec": self.spec,
                             "labels": self.labels,
                         },
                         "best.pt",
                     )
-                self._save(self._checkpoint(), "last.pt")
+                if write_last:
+                    self.writer.save(self._checkpoint(rng), "last.pt")
                 self._append_csv("metrics.csv", [row])
                 first = state.global_step - len(step_losses) + 1
                 self._append_csv(
@@ -490,37 +669,38 @@ class Trainer:
                     ],
                 )
                 if writer is not None:
-                    for k in ("train_loss", "val_loss", "val_mean_auroc", "lr", "train_img_s"):
+                    for k in ("train_loss", "val_loss", "val_mean_auroc", "train_img_s", "data_s"):
                         if row[k] is not None:
                             writer.add_scalar(k, row[k], epoch + 1)
+                    for i, lr in enumerate(group_lrs):
+                        writer.add_scalar(f"lr/group_{i:02d}", lr, epoch + 1)
                 auc = "n/a" if val["val_mean_auroc"] is None else f"{val['val_mean_auroc']:.4f}"
                 log.info(
-                    "epoch %d/%d train_loss %.4f val_loss %.4f val_mean_auroc %s "
-                    "(%.0f img/s, %.1fs)%s",
+                    "epoch %d/%d train_loss %.4f val_loss %.4f val_mean_auroc %s lr %.3g "
+                    "(%.0f img/s, %.1fs: %.1fs waiting for data)%s",
                     epoch + 1,
                     cfg.epochs,
                     train_loss,
                     val["val_loss"],
                     auc,
+                    row["lr"],
                     img_s,
                     row["epoch_s"],
+                    row["data_s"],
                     " *" if improved else "",
                 )
-            if cfg.patience and state.bad_epochs >= cfg.patience:
+            if early_stop:
                 log.info("early stop: no better val mean AUROC for %d epochs", cfg.patience)
                 break
-            if (
-                cfg.stop_after_epoch
-                and epoch + 1 >= cfg.stop_after_epoch
-                and epoch + 1 < cfg.epochs
-            ):
+            if pause:
                 finished = False
                 log.info("stopping after epoch %d as asked; continue with --resume", epoch + 1)
                 break
+        self.writer.close()
         D.barrier(info)
         if finished and (self.run_dir / "best.pt").is_file():
             best = torch.load(self.run_dir / "best.pt", map_location="cpu", weights_only=True)
-            unwrap(self.model).load_state_dict(best["model"])
+            self.eval_model.load_state_dict(best["model"])
         summary = self._summary(finished)
         if info.is_main:
             (self.run_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -544,7 +724,21 @@ class Trainer:
             "split_mode": self.cfg.split,
             "val_fraction": self.cfg.val_fraction,
             "seed": self.cfg.seed,
+            "seeds_per_rank": [self.cfg.seed + r for r in range(self.info.world)],
             "world_size": self.info.world,
+            "batch_size_per_process": self.cfg.batch_size,
+            "global_batch": self.global_batch,
+            "base_lr": self.cfg.base_lr,
+            "lr": self.lr,
+            "lr_rule": self.lr_rule,
+            "layer_decay": self.cfg.layer_decay,
+            "ema_decay": self.cfg.ema_decay,
+            "label_smoothing": self.cfg.label_smoothing,
+            "augmentation": None
+            if self.aug is None
+            else {"kind": type(self.aug).__name__, **self.aug.__dict__},
+            "checkpoint": self.cfg.checkpoint,
+            "checkpoint_load": self._checkpoint_report(),
             "device": str(self.device),
             "steps_per_epoch": self.steps_per_epoch,
             "global_step": self.state.global_step,
@@ -552,6 +746,26 @@ class Trainer:
             "cache": str(self.cache.path),
             "labels_source": self.cfg.labels,
         }
+
+    def _checkpoint_report(self) -> dict[str, Any] | None:
+        """This invocation's load report, or the one a resumed run recorded when it started."""
+        if self.checkpoint_report is not None or not self.resume:
+            return self.checkpoint_report
+        path = self.run_dir / "run.json"
+        return json.loads(path.read_text()).get("checkpoint_load") if path.is_file() else None
+
+    def _truncate_logs(self, epochs: int) -> None:
+        """Drop log rows of epochs after the checkpoint resumed from (last.pt every N epochs)."""
+        for name in ("metrics.csv", "train_steps.csv"):
+            path = self.run_dir / name
+            if path.is_file():
+                frame = pd.read_csv(path)
+                kept = frame[frame["epoch"] <= epochs]
+                if len(kept) < len(frame):
+                    log.info(
+                        "%s: dropping %d rows after epoch %d", name, len(frame) - len(kept), epochs
+                    )
+                    kept.to_csv(path, index=False)
 
     def _append_csv(self, name: str, rows: list[dict[str, Any]]) -> None:
         if not rows:

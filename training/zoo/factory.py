@@ -25,8 +25,12 @@ def create_model(
     checkpoint: str | None = None,
     drop_rate: float | None = None,
     drop_path_rate: float | None = None,
+    **model_kwargs: Any,
 ) -> nn.Module:
     """Build a zoo model or any timm model with ``num_classes`` outputs at ``img_size``.
+
+    ``model_kwargs`` go to the builder unchanged (timm: ``global_pool="avg"``, ``fc_norm=True``
+    for MAE-style fine-tuning).
 
     ``pretrained`` asks timm for its hub weights (needs the network or a warm cache);
     ``checkpoint`` loads local weights instead (.safetensors/.pth/.pt, a timm or a cxr-triage
@@ -34,7 +38,7 @@ def create_model(
     embeddings are resampled to ``img_size`` by timm. Every returned model carries a
     ``pretrained_cfg`` so ``timm.data.resolve_data_config`` gives its mean/std/interpolation.
     """
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(model_kwargs)
     if drop_rate is not None:
         kwargs["drop_rate"] = drop_rate
     if drop_path_rate is not None:
