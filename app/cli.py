@@ -21,7 +21,8 @@ TRAINING_COMMANDS: dict[str, str] = {
     "cache": "decode images once and cache them for training",
     "crossval": "patient-wise k-fold cross-validation (out-of-fold AUROC, fold models)",
     "train": "train a model on NIH ChestX-ray14 images",
-    "evaluate": "evaluate a trained run (AUROC, thresholds)",
+    "evaluate": "evaluate a trained run (AUROC, calibration, subgroups, thresholds)",
+    "compare": "paired patient-level bootstrap comparison of two runs on the same images",
     "export": "export a run to a model folder (model.onnx + model_card.json) or a Triton repo",
     "download": "download the NIH ChestX-ray14 archives (resumable, checksummed)",
 }

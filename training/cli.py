@@ -1,4 +1,4 @@
-"""``cxr-triage cache | train | crossval | evaluate | export | download``: the training CLI.
+"""``cxr-triage cache | train | crossval | evaluate | compare | export | download``: training CLI.
 
 ``app.cli`` hands these sub-commands to :func:`main` (``argv`` starts with the sub-command).
 Importing this module imports neither torch nor timm, so ``cxr-triage --help`` and ``serve`` stay
@@ -19,7 +19,7 @@ from pathlib import Path
 from training.config import add_config_flags, resolve_config
 
 log = logging.getLogger("training")
-COMMANDS = ("cache", "train", "crossval", "evaluate", "export", "download")
+COMMANDS = ("cache", "train", "crossval", "evaluate", "compare", "export", "download")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,6 +82,23 @@ def _parser() -> argparse.ArgumentParser:
         help="split to report (default: test if the run has one, else val)",
     )
     _eval_flags(p)
+    p.add_argument(
+        "--subgroup-bootstrap",
+        type=int,
+        default=None,
+        help="bootstrap replicates per view/sex/age subgroup (default: --bootstrap)",
+    )
+
+    p = sub.add_parser(
+        "compare", help="paired patient-level bootstrap of two runs' AUROC on the same images"
+    )
+    p.add_argument("--run", action="append", required=True, help="run folder (give it twice: A, B)")
+    p.add_argument("--split", default="test", choices=["val", "test"], help="default test")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--bootstrap", type=int, default=2000, help="paired replicates (default 2000)")
+    p.add_argument("--out", help="also write the comparison as JSON here")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
 
     p = sub.add_parser("export", help="write the ONNX model folder (or a Triton repository)")
     p.add_argument("--run", help="run folder written by train")
@@ -107,7 +124,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _eval_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA when present) | cpu | cuda (default auto)"
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates for CIs")
     p.add_argument(
@@ -117,6 +136,12 @@ def _eval_flags(p: argparse.ArgumentParser) -> None:
         help="sensitivity target of the screening threshold (default 0.95)",
     )
     p.add_argument("--diagnosis-method", default="youden", choices=["youden", "f1"])
+    p.add_argument(
+        "--no-calibrate",
+        dest="calibrate",
+        action="store_false",
+        help="keep temperature 1.0 (default: temperature scaling fitted on validation)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
@@ -222,9 +247,38 @@ def _evaluate(args: argparse.Namespace) -> int:
         diagnosis_method=args.diagnosis_method,
         progress=args.progress,
         run=run,
+        calibrate=args.calibrate,
+        subgroup_boot=args.subgroup_bootstrap,
     )
     print(format_report(result))
-    print(f"wrote {Path(args.run) / 'eval' / f'{split}.json'} and {split}_roc.png")
+    print(
+        f"wrote {Path(args.run) / 'eval' / f'{split}.json'}, {split}_roc.png and "
+        f"{split}_reliability.png"
+    )
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import json
+
+    from training.evaluate import compare_runs, format_comparison
+
+    if len(args.run) != 2:
+        print("compare takes exactly two --run folders (A, then B)", file=sys.stderr)
+        return 2
+    result = compare_runs(
+        args.run[0],
+        args.run[1],
+        split=args.split,
+        device=args.device,
+        batch_size=args.batch_size,
+        n_boot=args.bootstrap,
+        progress=args.progress,
+    )
+    print(format_comparison(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -317,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": _train,
         "crossval": _crossval,
         "evaluate": _evaluate,
+        "compare": _compare,
         "export": _export,
     }
     try:
