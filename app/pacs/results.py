@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ComprehensiveSRStorage, ExplicitVRLittleEndian
 
 from app import __version__
 from app.card import ModelCard
@@ -105,6 +106,7 @@ def build_sr(
 ) -> hd.sr.ComprehensiveSR:
     """The TID 1500 report of ``result`` (see the module docstring for its tree)."""
     scored = [headers[i.sop_instance_uid] for i in result.scored if i.sop_instance_uid in headers]
+    scored_uids = {str(ds.SOPInstanceUID) for ds in scored}
     reference = scored[0] if scored else next(iter(headers.values()))
     sop_uid = object_uid(result, "sr")
     algorithm = hd.sr.AlgorithmIdentification(
@@ -114,7 +116,7 @@ def build_sr(
     groups = [
         hd.sr.MeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=generate_uid(prefix=None, entropy_srcs=[sop_uid, finding.label]),
+                uid=derived_uid(sop_uid, finding.label),
                 identifier=finding.label,
             ),
             finding_type=finding_concept(finding.label),
@@ -141,7 +143,7 @@ def build_sr(
         groups = [
             hd.sr.MeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=generate_uid(prefix=None, entropy_srcs=[sop_uid, "not scored"]),
+                    uid=derived_uid(sop_uid, "not scored"),
                     identifier="not scored",
                 ),
                 finding_type=NO_IMAGE_SCORED,
@@ -152,7 +154,7 @@ def build_sr(
             )
         ]
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=generate_uid(prefix=None, entropy_srcs=[MANUFACTURER, card.name, card.version]),
+        uid=derived_uid(MANUFACTURER, card.name, card.version),
         name=f"{card.name} {card.version}"[:64],
         manufacturer_name=MANUFACTURER,
         model_name=card.name[:64],
@@ -168,7 +170,9 @@ def build_sr(
     )
     report[0].ContentSequence.append(_report_evaluations(result))
     sr = hd.sr.ComprehensiveSR(
-        evidence=scored or [reference],
+        # PS3.3 C.17.2.3: evidence is every instance of the requested procedure, not only
+        # those scored; evidence[0] is where highdicom copies the Patient/Study modules from.
+        evidence=scored + [ds for uid, ds in headers.items() if uid not in scored_uids],
         content=report,
         series_instance_uid=series_uid(result.study_instance_uid, "sr"),
         series_number=SR_SERIES_NUMBER,
@@ -179,7 +183,6 @@ def build_sr(
         is_final=False,
         is_verified=False,
         previous_versions=list(predecessors) or None,
-        record_evidence=bool(scored),
         transfer_syntax_uid=ExplicitVRLittleEndian,
         contributing_equipment=[_contributing_equipment(card)],
         coding_schemes=[
@@ -368,25 +371,28 @@ def object_uid(result: StudyResult, kind: str) -> str:
     instances = sorted(
         f"{i.sop_instance_uid}|{i.pixel_hash}|{i.status.value}" for i in result.instances
     )
-    return generate_uid(
-        prefix=None,
-        entropy_srcs=[
-            MANUFACTURER,
-            kind,
-            result.study_instance_uid,
-            str(result.revision),
-            result.model_name,
-            result.model_version,
-            *instances,
-        ],
+    return derived_uid(
+        kind,
+        result.study_instance_uid,
+        str(result.revision),
+        result.model_name,
+        result.model_version,
+        *instances,
     )
 
 
 def series_uid(study_instance_uid: str, kind: str) -> str:
     """One SR series and one SC series per study; revisions are new instances in them."""
-    return generate_uid(
-        prefix=None, entropy_srcs=[MANUFACTURER, f"{kind} series", study_instance_uid]
-    )
+    return derived_uid(f"{kind} series", study_instance_uid)
+
+
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:cxr-triage:result-objects")
+
+
+def derived_uid(*parts: str) -> str:
+    """A UUID-derived UID (PS3.5 B.2, ``2.25.<UUID as integer>``) of a name-based UUID (RFC
+    9562 version 5) of ``parts``: the same parts always give the same UID."""
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, chr(31).join(parts)).int}"
 
 
 def _contributing_equipment(card: ModelCard) -> hd.ContributingEquipment:
