@@ -128,6 +128,20 @@ class TrainingInfo(BaseModel):
     commit: str | None = None
 
 
+class ExportInfo(BaseModel):
+    """Numeric precision of the graph and how far it is from the float32 torch model.
+
+    ``decisions_changed`` counts (image, label, screening|diagnosis) flags that flip against the
+    float32 model on the validation images, at this card's thresholds and temperature.
+    """
+
+    precision: Literal["fp32", "fp16"] = "fp32"
+    parity_images: int | None = None
+    max_abs_dprob: float | None = None
+    decisions_total: int | None = None
+    decisions_changed: dict[str, int] = Field(default_factory=dict)
+
+
 class ModelCard(BaseModel):
     """``model_card.json``; see DESIGN.md, "Model folder"."""
 
@@ -146,6 +160,7 @@ class ModelCard(BaseModel):
     calibration: Calibration = Field(default_factory=Calibration)
     metrics: dict[str, SplitMetrics] = Field(default_factory=dict)
     training: TrainingInfo = Field(default_factory=TrainingInfo)
+    export: ExportInfo | None = None
     intended_use: str = ""
     limitations: str = ""
 

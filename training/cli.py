@@ -108,6 +108,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default="0.1.0", help="card version (default 0.1.0)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, >= 17 (default 17)")
     p.add_argument("--atol", type=float, default=1e-4, help="parity tolerance (default 1e-4)")
+    p.add_argument(
+        "--fp16",
+        action="store_true",
+        help="write a float16 graph (float32 inputs/outputs); reports flipped decisions on val",
+    )
+    p.add_argument(
+        "--fp16-atol", type=float, default=1e-2, help="fp16 parity tolerance (default 1e-2)"
+    )
     p.add_argument("--intended-use", help="replace the card's intended-use text")
     p.add_argument("--limitations", help="replace the card's limitations text")
     p.add_argument("--triton", metavar="REPO_DIR", help="also write a Triton model repository")
@@ -306,6 +314,9 @@ def _export(args: argparse.Namespace) -> int:
                 limitations=args.limitations,
                 progress=args.progress,
                 device=args.device,
+                fp16=args.fp16,
+                fp16_atol=args.fp16_atol,
+                calibrate=args.calibrate,
             )
         except ParityError as exc:
             print(f"export failed: {exc}", file=sys.stderr)

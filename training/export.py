@@ -10,6 +10,7 @@ or the heatmap differ by more than ``atol`` (1e-4), export fails and no model fo
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import shutil
@@ -22,7 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.card import InputSpec, ModelCard, SplitMetrics, Thresholds, TrainingInfo
+from app.card import (
+    Calibration,
+    ExportInfo,
+    InputSpec,
+    ModelCard,
+    SplitMetrics,
+    Thresholds,
+    TrainingInfo,
+)
 from app.labels import PATHOLOGIES
 from training.augment import Normalizer
 from training.dataset import CachedImages
@@ -111,6 +120,61 @@ def check_parity(
     return worst
 
 
+class HalfPrecision(torch.nn.Module):
+    """The model in float16 behind float32 inputs and outputs (the DESIGN.md graph contract).
+
+    Halves the file and, on GPUs with fp16 tensor cores, the latency; the cast to float32
+    happens inside the graph, so the service feeds and reads float32 as before.
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = copy.deepcopy(module).half().eval()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, heat = self.module(x.half())
+        return logits.float(), heat.float()
+
+
+def decision_parity(
+    onnx_path: Path,
+    run: LoadedRun,
+    reference_logits: np.ndarray,
+    thresholds: dict[str, Any],
+    temperature: float,
+    *,
+    batch_size: int = 64,
+) -> ExportInfo:
+    """Run the graph on every validation image and count threshold decisions that flip.
+
+    ``reference_logits`` are the float32 torch model's on the same images (RUN/eval cache); a
+    max |dp| of 1e-3 says little on its own, the flags a reader acts on are what count.
+    """
+    import onnxruntime as ort
+
+    from training.calibration import sigmoid
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    ds = CachedImages(run.cache, run.positions("val"))
+    norm = Normalizer(run.spec["mean"], run.spec["std"], torch.device("cpu"))
+    out = []
+    for start in range(0, len(ds), batch_size):
+        images, _ = ds.__getitems__(list(range(start, min(start + batch_size, len(ds)))))
+        out.append(session.run(["logits"], {"pixel_values": norm(images).numpy()})[0])
+    logits = np.concatenate(out) if out else np.zeros_like(reference_logits)
+    p_ref, p_new = sigmoid(reference_logits, temperature), sigmoid(logits, temperature)
+    changed = {}
+    for kind in ("screening", "diagnosis"):
+        thr = np.array([thresholds[kind][name]["threshold"] for name in run.labels])
+        changed[kind] = int(((p_ref >= thr) != (p_new >= thr)).sum())
+    return ExportInfo(
+        parity_images=len(ds),
+        max_abs_dprob=float(np.abs(p_ref - p_new).max()) if len(ds) else None,
+        decisions_total=2 * p_ref.size,
+        decisions_changed=changed,
+    )
+
+
 def _split_metrics(result: dict[str, Any]) -> SplitMetrics:
     m = {k: v for k, v in result["metrics"].items() if k not in ("skipped", "mean_over")}
     return SplitMetrics.model_validate(m)
@@ -164,7 +228,14 @@ def build_card(
         sampler=cfg.sampler,
         image_size=cfg.image_size,
         batch_size=cfg.batch_size,
-        lr=cfg.lr,
+        lr=run.summary.get("lr", cfg.lr),
+        base_lr=cfg.base_lr,
+        global_batch=run.summary.get("global_batch"),
+        ema_decay=cfg.ema_decay,
+        label_smoothing=cfg.label_smoothing,
+        checkpoint_loaded_fraction=(run.summary.get("checkpoint_load") or {}).get(
+            "loaded_backbone_fraction"
+        ),
         world_size=run.summary.get("world_size"),
     )
     n_train = training.image_counts.get("train", 0)
@@ -197,12 +268,30 @@ def build_card(
         heatmap_method=heatmap_method,
         heatmap_shape=heatmap_shape,
         thresholds=Thresholds.model_validate(
-            {k: v for k, v in thresholds.items() if k != "unfitted"}
+            {k: v for k, v in thresholds.items() if k not in ("unfitted", "temperature")}
         ),
         metrics=metrics,
         training=training,
         intended_use=intended_use or INTENDED_USE,
         limitations=limitations or " ".join(default_limits),
+        calibration=_calibration(val, test),
+    )
+
+
+def _calibration(val: dict[str, Any], test: dict[str, Any] | None) -> Calibration:
+    """The card's calibration block: T from validation, ECE before/after on val (and test)."""
+    cal = dict(val["calibration"])
+    before, after = dict(cal["ece_before"]), dict(cal["ece_after"])
+    if test is not None:
+        before.update(test["calibration"]["ece_before"])
+        after.update(test["calibration"]["ece_after"])
+    return Calibration(
+        method=cal["method"],
+        temperature=cal["temperature"],
+        fitted_on=cal["fitted_on"],
+        ece_bins=cal["ece_bins"],
+        ece_before=before,
+        ece_after=after,
     )
 
 
@@ -221,9 +310,17 @@ def export_run(
     intended_use: str | None = None,
     limitations: str | None = None,
     progress: bool = True,
-    device: str = "cpu",
+    device: str = "auto",
+    fp16: bool = False,
+    fp16_atol: float = 1e-2,
+    calibrate: bool = True,
 ) -> ModelCard:
-    """Evaluate val (+ test) on ``device``, export on CPU, check parity, write the model folder."""
+    """Evaluate val (+ test) on ``device``, export on CPU, check parity, write the model folder.
+
+    With ``fp16`` the float32 graph is exported and checked first, then the float16 one; it
+    must stay within ``fp16_atol`` of torch on the parity images, and the number of threshold
+    decisions it changes on all validation images goes to the card's ``export`` block.
+    """
     if opset < 17:
         raise ValueError("opset must be >= 17")
     run = load_run(run_dir, device=device)
@@ -235,6 +332,7 @@ def export_run(
         "batch_size": batch_size,
         "progress": progress,
         "run": run,
+        "calibrate": calibrate,
     }
     val = evaluate_run(run.run_dir, split="val", **common)
     test = evaluate_run(run.run_dir, split="test", **common) if len(run.positions("test")) else None
@@ -242,8 +340,28 @@ def export_run(
     module = with_heatmap(run.model, run.labels).eval()
     with tempfile.TemporaryDirectory(prefix="cxr-export-") as tmp:
         onnx_path = Path(tmp) / "model.onnx"
-        export_onnx(module, onnx_path, size=(run.spec["height"], run.spec["width"]), opset=opset)
+        size = (run.spec["height"], run.spec["width"])
+        export_onnx(module, onnx_path, size=size, opset=opset)
         check_parity(module, onnx_path, parity_inputs(run), atol=atol)
+        if fp16:
+            from training.evaluate import split_logits
+
+            export_onnx(HalfPrecision(module), onnx_path, size=size, opset=opset)
+            check_parity(module, onnx_path, parity_inputs(run), atol=fp16_atol)
+            temperature = val["calibration"]["temperature"]
+            reference, _ = split_logits(run, "val", batch_size=batch_size, progress=False)
+            export_info = decision_parity(
+                onnx_path, run, reference, val["thresholds"], temperature, batch_size=batch_size
+            )
+            export_info.precision = "fp16"
+            print(
+                f"fp16 vs fp32 on {export_info.parity_images} validation images: max |dprob| "
+                f"{export_info.max_abs_dprob:.2e}; threshold decisions changed: "
+                + ", ".join(f"{k} {v}" for k, v in export_info.decisions_changed.items())
+                + f" of {export_info.decisions_total // 2} each"
+            )
+        else:
+            export_info = ExportInfo(precision="fp32")
         card = build_card(
             run,
             name=name or out_dir.name,
@@ -258,6 +376,7 @@ def export_run(
         )
         out_dir.mkdir(parents=True, exist_ok=True)
         shutil.move(str(onnx_path), out_dir / "model.onnx")
+    card.export = export_info
     card.save(out_dir / "model_card.json")
     ModelCard.load(out_dir / "model_card.json")
     log.info(
