@@ -9,6 +9,7 @@ logits by it before the sigmoid (``app.inference.scoring``).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import expit, log_expit
 
+log = logging.getLogger(__name__)
 N_BINS = 15
 T_BOUNDS = (0.05, 20.0)
 
@@ -83,6 +85,13 @@ def calibration_report(
 ) -> dict[str, Any]:
     """Fit T on validation (or keep 1.0) and report ECE with T = 1 and with T on both splits."""
     temperature = fit_temperature(val_logits, val_targets) if fit else 1.0
+    if fit and not T_BOUNDS[0] * 1.01 < temperature < T_BOUNDS[1] * 0.99:
+        log.warning(
+            "temperature %.3g is at the search bound %s: the validation logits are far from "
+            "calibrated (too few epochs, or label smoothing?); check the reliability plot",
+            temperature,
+            T_BOUNDS,
+        )
     out: dict[str, Any] = {
         "method": "temperature" if fit else "none",
         "temperature": temperature,
@@ -93,6 +102,7 @@ def calibration_report(
         "nll_before": {},
         "nll_after": {},
     }
+    split = "validation" if split == "val" else split
     for name, z, y in (("validation", val_logits, val_targets), (split, logits, targets)):
         out["ece_before"][name] = expected_calibration_error(y, sigmoid(z), n_bins)
         out["ece_after"][name] = expected_calibration_error(y, sigmoid(z, temperature), n_bins)
