@@ -24,8 +24,7 @@ from app.api.schemas import (
     TimingMs,
 )
 from app.card import ModelCard
-from app.imaging.decode import DecodedImage
-from app.imaging.eligibility import Refusal
+from app.imaging.decode import DecodedImage, NotEligible
 from app.imaging.heatmap import explained_label, overlay_png_base64, select_map
 from app.imaging.prepare import prepare
 from app.inference.batcher import MicroBatcher, NotAccepting
@@ -89,26 +88,6 @@ async def read_upload(request: Request) -> tuple[bytes, str | None]:
     if not data:
         raise Problem(400, "The upload is empty.", slug="empty-upload")
     return data, hint
-
-
-class NotEligible(Problem):
-    """422 ``not-eligible``: the DICOM header says this is not a frontal chest radiograph."""
-
-    def __init__(self, refusals: tuple[Refusal, ...]) -> None:
-        super().__init__(
-            422,
-            "Only frontal (PA/AP) chest radiographs are scored, and this DICOM is not one: "
-            + "; ".join(r.reason for r in refusals)
-            + ".",
-            slug="not-eligible",
-        )
-        self.refusals = refusals
-
-    def to_dict(self) -> dict[str, object]:
-        refusals = [
-            {"attribute": r.attribute, "value": r.value, "reason": r.reason} for r in self.refusals
-        ]
-        return {**super().to_dict(), "refusals": refusals}
 
 
 def eligibility_gate(decoded: DecodedImage, policy: str) -> list[str]:

@@ -52,7 +52,7 @@ from pydicom.uid import (
 )
 
 from app.api.problems import Problem
-from app.imaging.eligibility import Eligibility, check_eligibility
+from app.imaging.eligibility import Eligibility, Refusal, check_eligibility
 
 # pydicom's value validation warns with the offending value quoted, and a bad value may sit in a
 # patient field; the service never validates on read, so nothing of a file's values reaches logs.
@@ -150,6 +150,28 @@ class DecodedImage:
 
 class DecodeError(Problem):
     """An upload that cannot become an image: 400, 413, 415 or 422 with a detail saying why."""
+
+
+class NotEligible(DecodeError):
+    """422 ``not-eligible``: the DICOM header says this is not a frontal chest radiograph.
+
+    The problem+json body lists every refusal (``refusals``: attribute, value, reason)."""
+
+    def __init__(self, refusals: tuple[Refusal, ...]) -> None:
+        super().__init__(
+            422,
+            "Only frontal (PA/AP) chest radiographs are scored, and this DICOM is not one: "
+            + "; ".join(r.reason for r in refusals)
+            + ".",
+            slug="not-eligible",
+        )
+        self.refusals = refusals
+
+    def to_dict(self) -> dict[str, object]:
+        refusals = [
+            {"attribute": r.attribute, "value": r.value, "reason": r.reason} for r in self.refusals
+        ]
+        return {**super().to_dict(), "refusals": refusals}
 
 
 def _err(status: int, detail: str) -> DecodeError:
@@ -386,7 +408,23 @@ def _decode_dicom(data: bytes, max_pixels: int, *, part10: bool) -> DecodedImage
     ds = _read_dataset(data, max_pixels, part10=part10)
     uids = _uids(ds, warnings)
     eligibility = check_eligibility(ds)
+    try:
+        return _decode_dicom_pixels(ds, uids, eligibility, max_pixels, warnings)
+    except DecodeError:
+        # An SR, a colour ultrasound, a CT in an odd syntax: that it is not a chest radiograph
+        # is the answer that helps, and it cannot be scored under either policy.
+        if eligibility.refusals:
+            raise NotEligible(eligibility.refusals) from None
+        raise
 
+
+def _decode_dicom_pixels(
+    ds: Dataset,
+    uids: DicomUIDs,
+    eligibility: Eligibility,
+    max_pixels: int,
+    warnings: list[str],
+) -> DecodedImage:
     for tag in ("FloatPixelData", "DoubleFloatPixelData"):
         if tag in ds:
             raise _err(422, f"DICOM {tag} (floating-point pixels) is not supported")
