@@ -128,6 +128,23 @@ class TrainingInfo(BaseModel):
     commit: str | None = None
 
 
+class Localisation(BaseModel):
+    """How often a finding's heatmap maximum falls inside a radiologist's box (pointing game)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    benchmark: str
+    model: str = Field(description="Which model drew the maps (e.g. out-of-fold fold models)")
+    boxes: int = Field(ge=0)
+    images: int = Field(ge=0)
+    hits: int = Field(ge=0)
+    hit_rate: float | None = None
+    hit_rate_ci95: tuple[float, float] | None = None
+    random_point_hit_rate: float | None = None
+    centre_point_hit_rate: float | None = None
+    command: str | None = None
+
+
 class ExportInfo(BaseModel):
     """Numeric precision of the graph and how far it is from the float32 torch model.
 
@@ -161,6 +178,7 @@ class ModelCard(BaseModel):
     metrics: dict[str, SplitMetrics] = Field(default_factory=dict)
     training: TrainingInfo = Field(default_factory=TrainingInfo)
     export: ExportInfo | None = None
+    localisation: Localisation | None = None
     intended_use: str = ""
     limitations: str = ""
 

@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app.card import ModelCard
 from app.imaging.decode import decode_image
+from app.imaging.heatmap import select_map
 from app.imaging.preprocess import to_model_input
 from app.main import create_app
 from app.settings import DEFAULT_MODEL_DIR, Settings
@@ -136,6 +137,7 @@ def test_heatmap_grid_and_overlay(client, card, reference, png_1024) -> None:
     heatmap = r.json()["heatmap"]
     assert heatmap["method"] == card.heatmap_method
     _, expected_grid, _ = reference(data)
+    expected_grid = select_map(expected_grid, card.labels.index(heatmap["label"]))
     grid = np.asarray(heatmap["grid"])
     assert grid.shape == expected_grid.shape
     assert grid.ndim == 2 and min(grid.shape) >= 2

@@ -24,6 +24,7 @@ from PIL import Image
 
 from app.card import ModelCard
 from app.imaging.decode import decode_image
+from app.imaging.heatmap import select_map
 from app.imaging.preprocess import to_model_input
 from app.labels import PATHOLOGIES
 from tests.contract import BROKEN_DICOM, assert_contract, assert_dicom_uids, chest_dicoms
@@ -117,13 +118,14 @@ def test_png_multipart_with_heatmap(http, card, reference, pngs) -> None:
         assert body["dicom"] is None
         heatmap = body["heatmap"]
         assert heatmap["method"] == card.heatmap_method
+        expected_grid = select_map(expected_grid, card.labels.index(heatmap["label"]))
         grid = np.asarray(heatmap["grid"])
         assert grid.shape == expected_grid.shape and grid.ndim == 2
         np.testing.assert_allclose(grid, expected_grid, atol=1e-4)
         assert grid.min() >= 0 and grid.max() <= 1
         overlay = Image.open(io.BytesIO(base64.b64decode(heatmap["png_base64"])))
         assert overlay.format == "PNG"
-        assert overlay.size == (card.input.width, card.input.height)
+        assert overlay.size == Image.open(io.BytesIO(data)).size  # the upload, capped at 1024
 
 
 def test_png_raw_body_without_heatmap(http, card, reference, pngs) -> None:

@@ -190,7 +190,8 @@ def _check_model_folder(model_dir: Path, run: Path, grid: tuple[int, int], metho
         [to_model_input(decode_image(Path(f).read_bytes()).pixels, card.input) for f in files]
     )
     logits, heatmap = runtime.run(batch)
-    assert logits.shape == (3, len(NIH_LABELS)) and heatmap.shape == (3, *grid)
+    per_label = (len(NIH_LABELS),) if card.heatmap_shape == "per_label" else ()
+    assert logits.shape == (3, len(NIH_LABELS)) and heatmap.shape == (3, *per_label, *grid)
     assert heatmap.min() >= 0 and heatmap.max() <= 1
 
 
@@ -277,3 +278,4 @@ def test_ddp_two_processes_on_gloo_then_cam_export(vit_run: Path, tmp_path: Path
         summary["best_val_mean_auroc"], abs=1e-6
     )
     _check_model_folder(out, run, (2, 2), "cam")
+    assert ModelCard.load(out / "model_card.json").heatmap_shape == "per_label"

@@ -102,6 +102,13 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write the ONNX model folder (or a Triton repository)")
     p.add_argument("--run", help="run folder written by train")
+    p.add_argument(
+        "--cv",
+        nargs="+",
+        metavar="CV_DIR",
+        help="instead of --run: the fold models of these crossval folders as one averaging graph",
+    )
+    p.add_argument("--roc", metavar="PNG", help="with --cv: also plot the out-of-fold ROC curves")
     p.add_argument("--out", help="model folder to write (model.onnx + model_card.json)")
     p.add_argument("--model", help="existing model folder (with --triton, instead of --run)")
     p.add_argument("--name", help="card name (default: the --out folder's name)")
@@ -292,7 +299,39 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     model_dir: Path | None = None
-    if args.run:
+    if args.cv:
+        if not args.out:
+            print("export --cv needs --out MODEL_DIR", file=sys.stderr)
+            return 2
+        from training.export import ParityError, export_cv
+
+        try:
+            card = export_cv(
+                args.cv,
+                args.out,
+                name=args.name,
+                version=args.version,
+                opset=args.opset,
+                atol=args.atol,
+                n_boot=args.bootstrap,
+                target_sensitivity=args.screening_sensitivity,
+                diagnosis_method=args.diagnosis_method,
+                intended_use=args.intended_use,
+                limitations=args.limitations,
+                roc_png=args.roc,
+            )
+        except ParityError as exc:
+            print(f"export failed: {exc}", file=sys.stderr)
+            return 1
+        model_dir = Path(args.out)
+        val = card.metrics["validation"]
+        print(
+            f"wrote {model_dir}/model.onnx and model_card.json ({card.architecture}, "
+            f"{card.heatmap_method} {card.heatmap_shape}, out-of-fold mean AUROC "
+            f"{val.mean_auroc:.4f} (95% CI {val.mean_auroc_ci_low:.4f}-"
+            f"{val.mean_auroc_ci_high:.4f}))"
+        )
+    elif args.run:
         if not args.out:
             print("export --run needs --out MODEL_DIR", file=sys.stderr)
             return 2

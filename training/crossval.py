@@ -199,7 +199,7 @@ def train_fold(
             raise FloatingPointError(f"fold {fold}: loss became non-finite in epoch {epoch + 1}")
         if (epoch + 1) % curve_every == 0 or epoch + 1 == cfg.epochs:
             logits = predict_logits(model, held_ds, normalizer)
-            table = auroc_table(held_targets, _sigmoid(logits), labels, n_boot=0)
+            table = auroc_table(held_targets, sigmoid(logits), labels, n_boot=0)
             curve.append(
                 {
                     "epoch": epoch + 1,
@@ -234,7 +234,7 @@ def train_fold(
     return FoldResult(fold, logits, curve, time.perf_counter() - start)
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
+def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
@@ -321,6 +321,7 @@ def load_oof(out_dir: Path) -> dict[str, Any]:
         "folds": folds["fold"].to_numpy(),
         "subsets": source_subset(cache.index),
         "config": cfg,
+        "cache": cache,
     }
 
 
@@ -328,7 +329,7 @@ def summarise(out_dir: str | Path, *, n_boot: int = 1000) -> dict[str, Any]:
     """Write ``summary.json``: out-of-fold AUROC (patient-bootstrap CI), per fold and source."""
     out_dir = Path(out_dir)
     oof = load_oof(out_dir)
-    probs = _sigmoid(oof["logits"])
+    probs = sigmoid(oof["logits"])
     report = oof_report(oof["targets"], probs, oof["groups"], oof["subsets"], n_boot=n_boot)
     per_fold = {}
     for fold in np.unique(oof["folds"]):
@@ -384,8 +385,8 @@ def ensemble_gain(cv_dirs: list[Path], *, n_boot: int = 1000) -> dict[str, Any]:
         if not np.array_equal(o["folds"], folds0):
             raise ValueError(f"{d} has other folds than {cv_dirs[0]}")
     targets, groups = oofs[0]["targets"], oofs[0]["groups"]
-    singles = [_sigmoid(o["logits"]) for o in oofs]
-    averaged = _sigmoid(np.mean([o["logits"] for o in oofs], axis=0))
+    singles = [sigmoid(o["logits"]) for o in oofs]
+    averaged = sigmoid(np.mean([o["logits"] for o in oofs], axis=0))
     labels = list(NIH_LABELS)
     out: dict[str, Any] = {"runs": [str(d) for d in cv_dirs], "single": []}
     for d, p in zip(cv_dirs, singles, strict=True):

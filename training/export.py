@@ -36,6 +36,7 @@ from app.labels import PATHOLOGIES
 from training.augment import Normalizer
 from training.dataset import CachedImages
 from training.evaluate import LoadedRun, evaluate_run, load_run
+from training.trainer import git_commit
 from training.zoo import with_heatmap
 
 log = logging.getLogger(__name__)
@@ -383,5 +384,179 @@ def export_run(
         "wrote %s (model.onnx %.1f MB, card)",
         out_dir,
         (out_dir / "model.onnx").stat().st_size / 1e6,
+    )
+    return card
+
+
+CV_LIMITATIONS = (
+    "Trained from scratch on the {n} shared NIH ChestX-ray14 images ({patients} patients); NIH "
+    "labels were mined from radiology reports by NLP and are noisy, so AUROC is measured against "
+    "imperfect labels. NIH ChestX-ray14 comes from one US hospital; performance on other sites, "
+    "scanners, paediatric or lateral images is unknown. The AUROC figures (metrics.validation) "
+    "are out-of-fold: each image scored by the fold model that never saw its patient, CI from a "
+    "patient-level bootstrap; the shipped graph averages the {k} fold models, which each saw "
+    "80% of the patients. Thresholds were fitted on those out-of-fold probabilities; their "
+    "sensitivity/specificity are out-of-fold figures of the single fold models. Heatmaps are "
+    "per-label class activation maps on an {grid} grid of a 64 px input, min-max scaled per "
+    "image: they show where, relative to the rest of the image, the model found evidence for "
+    "that finding, not where a finding is."
+)
+
+
+def load_cv_members(cv_dirs: list[Path]) -> tuple[list[torch.nn.Module], dict[str, Any], list[str]]:
+    """The fold models of one or more CV folders (same arch and input), eval mode, on CPU."""
+    from training.zoo import create_model, per_label_module
+
+    members: list[torch.nn.Module] = []
+    spec: dict[str, Any] | None = None
+    labels: list[str] | None = None
+    for cv_dir in cv_dirs:
+        paths = sorted(cv_dir.glob("fold*/model.pt"))
+        if not paths:
+            raise FileNotFoundError(f"{cv_dir} has no fold*/model.pt; run `cxr-triage crossval`")
+        for path in paths:
+            ck = torch.load(path, map_location="cpu", weights_only=False)
+            if spec is not None and (ck["spec"] != spec or ck["labels"] != labels):
+                raise ValueError(f"{path}: another input spec or label list than the others")
+            spec, labels = ck["spec"], list(ck["labels"])
+            cfg = ck["config"]
+            model = create_model(
+                ck["arch"],
+                num_classes=len(labels),
+                img_size=cfg["image_size"],
+                drop_rate=cfg.get("drop_rate"),
+                drop_path_rate=cfg.get("drop_path_rate"),
+            )
+            model.load_state_dict(ck["model"])
+            members.append(per_label_module(model.eval()))
+    assert spec is not None and labels is not None
+    return members, spec, labels
+
+
+def export_cv(
+    cv_dirs: list[str | Path],
+    out_dir: str | Path,
+    *,
+    name: str | None = None,
+    version: str = "0.2.0",
+    opset: int = OPSET,
+    atol: float = 1e-4,
+    n_boot: int = 1000,
+    target_sensitivity: float = 0.95,
+    diagnosis_method: str = "youden",
+    intended_use: str | None = None,
+    limitations: str | None = None,
+    roc_png: str | Path | None = None,
+) -> ModelCard:
+    """Export the fold models of ``cv_dirs`` as one averaging graph with a card from out of fold.
+
+    Several CV folders (same folds, other training seeds) are averaged member by member; their
+    out-of-fold logits are averaged the same way, so the card's AUROC and thresholds describe
+    predictions made without the image's patient, by as many models per image as the graph has
+    per fold.
+    """
+    from training.crossval import load_oof, sigmoid
+    from training.metrics import auroc_table, fit_thresholds
+    from training.zoo import FoldEnsemble
+
+    dirs = [Path(d) for d in cv_dirs]
+    oofs = [load_oof(d) for d in dirs]
+    for d, o in zip(dirs, oofs, strict=True):
+        if not np.array_equal(o["folds"], oofs[0]["folds"]):
+            raise ValueError(f"{d} was cross-validated on other folds than {dirs[0]}")
+    oof = oofs[0]
+    cfg = oof["config"]
+    members, spec, labels = load_cv_members(dirs)
+    module = FoldEnsemble(members).eval()
+    targets, groups = oof["targets"], oof["groups"]
+    probs = sigmoid(np.mean([o["logits"] for o in oofs], axis=0))
+    k = len(np.unique(oof["folds"]))
+    thresholds = fit_thresholds(
+        targets,
+        probs,
+        labels,
+        target_sensitivity=target_sensitivity,
+        diagnosis_method=diagnosis_method,
+    )
+    thresholds["chosen_on"] = f"out-of-fold predictions ({k}-fold patient-wise CV)"
+    table = auroc_table(targets, probs, labels, n_boot=n_boot, groups=groups)
+    out_dir = Path(out_dir)
+    cache = oof["cache"]
+    parity = np.linspace(0, len(cache.index) - 1, 6).astype(int)
+    images, _ = CachedImages(cache, parity).__getitems__(list(range(len(parity))))
+    inputs = Normalizer(spec["mean"], spec["std"], torch.device("cpu"))(images)
+    n_params = sum(p.numel() for p in module.parameters())
+    with tempfile.TemporaryDirectory(prefix="cxr-export-") as tmp:
+        onnx_path = Path(tmp) / "model.onnx"
+        export_onnx(module, onnx_path, size=(spec["height"], spec["width"]), opset=opset)
+        check_parity(module, onnx_path, inputs, atol=atol)
+        with torch.inference_mode():
+            grid = tuple(module(inputs[:1])[1].shape[-2:])
+        n_patients = len(np.unique(groups))
+        training = TrainingInfo(
+            source="NIH ChestX-ray14" + (f" ({Path(cfg.labels).name})" if cfg.labels else ""),
+            split=f"{k}-fold patient-wise cross-validation (scikit-learn StratifiedGroupKFold, "
+            f"stratified on each image's rarest label, fold seed in {dirs[0]}/folds.csv); "
+            "metrics.validation are the out-of-fold predictions; no image chose an epoch "
+            "(fixed schedule, last epoch kept)",
+            image_counts={"all": len(targets)},
+            patient_counts={"all": int(n_patients)},
+            epochs=cfg.epochs,
+            seed=cfg.seed,
+            commit=git_commit(),
+            folds=k,
+            members=len(members),
+            member_seeds=[o["config"].seed for o in oofs],
+            ensemble="mean of the fold models' logits and raw class activation maps",
+            initialisation="random initialisation (from scratch)",
+            parameters=n_params,
+            loss=cfg.loss,
+            sampler=cfg.sampler,
+            image_size=cfg.image_size,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+        )
+        card = ModelCard(
+            name=name or out_dir.name,
+            version=version,
+            created=datetime.now(timezone.utc),
+            architecture=f"{cfg.arch} x{len(members)} (fold ensemble)",
+            onnx_sha256=sha256_file(onnx_path),
+            labels=labels,
+            input=InputSpec(**spec),
+            heatmap_method=module.method,
+            heatmap_shape=module.shape,
+            thresholds=Thresholds.model_validate(
+                {k2: v for k2, v in thresholds.items() if k2 != "unfitted"}
+            ),
+            metrics={"validation": _split_metrics({"metrics": table})},
+            training=training,
+            intended_use=intended_use or INTENDED_USE,
+            limitations=limitations
+            or CV_LIMITATIONS.format(
+                n=len(targets), patients=n_patients, k=k, grid="x".join(map(str, grid))
+            ),
+        )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(onnx_path), out_dir / "model.onnx")
+    card.save(out_dir / "model_card.json")
+    ModelCard.load(out_dir / "model_card.json")
+    if roc_png:
+        from training.evaluate import plot_roc
+
+        Path(roc_png).parent.mkdir(parents=True, exist_ok=True)
+        plot_roc(
+            targets,
+            probs,
+            labels,
+            table,
+            Path(roc_png),
+            f"{card.name} {card.version}: out-of-fold ROC ({len(targets)} images)",
+        )
+    log.info(
+        "wrote %s (model.onnx %.1f MB, %d members, card)",
+        out_dir,
+        (out_dir / "model.onnx").stat().st_size / 1e6,
+        len(members),
     )
     return card

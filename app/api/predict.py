@@ -170,7 +170,14 @@ def render_heatmap(
     label = explained_label(card.labels, probs, flagged, requested)
     index = card.labels.index(label)
     grid = select_map(raw, index)
-    png = overlay_png_base64(pixels, grid, finding=label, probability=probs[index])
+    png = overlay_png_base64(
+        pixels,
+        grid,
+        finding=label,
+        probability=probs[index],
+        resize=card.input.resize,
+        input_size=(card.input.height, card.input.width),
+    )
     return Heatmap(
         method=card.heatmap_method,
         label=label,

@@ -92,6 +92,45 @@ def _output_size(height: int, width: int, max_side: int) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
+def _heat_on_image(
+    heatmap: np.ndarray,
+    out_h: int,
+    out_w: int,
+    resize: str,
+    input_size: tuple[int, int] | None,
+) -> np.ndarray:
+    """The map upsampled onto the output image, undoing the card's aspect policy.
+
+    ``squash`` (the bundled models): the map covers the whole image. ``pad``: the model input
+    holds the image letterboxed, so only the map's inner part is the image. ``center_crop``: the
+    map covers the image's central crop; the cropped-off margins get no heat.
+    """
+    heat_img = Image.fromarray(np.nan_to_num(np.clip(heatmap, 0.0, 1.0)), mode="F")
+    bicubic = Image.Resampling.BICUBIC
+    if resize == "squash" or input_size is None:
+        return np.asarray(heat_img.resize((out_w, out_h), bicubic))
+    in_h, in_w = input_size
+    up = heat_img.resize((in_w, in_h), bicubic)
+    if resize == "pad":
+        scale = min(in_h / out_h, in_w / out_w)
+        inner_h = min(in_h, max(1, round(out_h * scale)))
+        inner_w = min(in_w, max(1, round(out_w * scale)))
+        top, left = (in_h - inner_h) // 2, (in_w - inner_w) // 2
+        inner = up.crop((left, top, left + inner_w, top + inner_h))
+        return np.asarray(inner.resize((out_w, out_h), Image.Resampling.BILINEAR))
+    if resize == "center_crop":
+        out = np.zeros((out_h, out_w), dtype=np.float32)
+        if out_h * in_w > out_w * in_h:  # taller than the input: rows were cropped
+            keep_h, keep_w = max(1, round(out_w * in_h / in_w)), out_w
+        else:
+            keep_h, keep_w = out_h, max(1, round(out_h * in_w / in_h))
+        top, left = (out_h - keep_h) // 2, (out_w - keep_w) // 2
+        crop = np.asarray(up.resize((keep_w, keep_h), Image.Resampling.BILINEAR))
+        out[top : top + keep_h, left : left + keep_w] = crop
+        return out
+    raise ValueError(f"unknown resize mode {resize!r}; use squash, pad or center_crop")
+
+
 def render_overlay(
     image: np.ndarray,
     heatmap: np.ndarray,
@@ -100,12 +139,16 @@ def render_overlay(
     probability: float | None = None,
     max_side: int = 1024,
     caption: str = DEFAULT_CAPTION,
+    resize: str = "squash",
+    input_size: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """uint8 RGB ``[H', W', 3]``: ``heatmap`` over ``image`` with legend, finding and caption.
 
     ``image`` is the decoded upload, float ``[H, W]`` in [0, 1] at source resolution; ``heatmap``
-    a ``[h, w]`` map in [0, 1] covering the whole image. The aspect is kept and the long side is
-    ``min(max_side, max(H, W))``: never upscaled above the source.
+    a ``[h, w]`` map in [0, 1]. The aspect is kept and the long side is
+    ``min(max_side, max(H, W))``: never upscaled above the source. ``resize`` and ``input_size``
+    (the card's ``input.resize`` and ``(height, width)``) place the map where the model saw the
+    image; the default (squash) stretches it over the whole image.
     """
     image = np.asarray(image, dtype=np.float32)
     heatmap = np.asarray(heatmap, dtype=np.float32)
@@ -118,8 +161,7 @@ def render_overlay(
     if gray_img.size != (out_w, out_h):
         gray_img = gray_img.resize((out_w, out_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
     gray = np.clip(np.asarray(gray_img), 0.0, 1.0) * 255.0
-    heat_img = Image.fromarray(np.nan_to_num(np.clip(heatmap, 0.0, 1.0)), mode="F")
-    heat = np.clip(np.asarray(heat_img.resize((out_w, out_h), Image.Resampling.BICUBIC)), 0, 1)
+    heat = np.clip(_heat_on_image(heatmap, out_h, out_w, resize, input_size), 0.0, 1.0)
     colour = JET[np.rint(heat * 255.0).astype(np.uint8)].astype(np.float32)
     alpha = (MAX_ALPHA * heat)[..., None]
     rgb = np.rint((1.0 - alpha) * gray[..., None] + alpha * colour).astype(np.uint8)
@@ -190,6 +232,8 @@ def overlay_png_base64(
     probability: float | None = None,
     max_side: int = 1024,
     caption: str = DEFAULT_CAPTION,
+    resize: str = "squash",
+    input_size: tuple[int, int] | None = None,
 ) -> str:
     """The base64 PNG of :func:`render_overlay` (the ``png_base64`` of ``POST /predict``)."""
     rgb = render_overlay(
@@ -199,5 +243,7 @@ def overlay_png_base64(
         probability=probability,
         max_side=max_side,
         caption=caption,
+        resize=resize,
+        input_size=input_size,
     )
     return png_base64(rgb)
