@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-SERVE_HELP = "run the HTTP service (uvicorn) on the model folder"
+SERVE_HELP = (
+    "run the service on the model folder: HTTP (uvicorn), and the DICOM SCP on CXR_DICOM_PORT"
+)
 AUDIT_HELP = "read the audit trail of predictions"
 TRAINING_COMMANDS: dict[str, str] = {
     "cache": "decode images once and cache them for training",
@@ -26,6 +28,7 @@ TRAINING_COMMANDS: dict[str, str] = {
     "export": "export a run to a model folder (model.onnx + model_card.json) or a Triton repo",
     "download": "download the NIH ChestX-ray14 archives (resumable, checksummed)",
 }
+OVERLAY_HELP = "score one image and write its heatmap overlay PNG (what /predict returns)"
 TRAIN_EXTRA_HINT = "pip install 'cxr-triage[train]'"
 
 
@@ -64,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", default=None, help="uvicorn log level (default: $CXR_LOG_LEVEL)"
     )
+    overlay = commands.add_parser("overlay", help=OVERLAY_HELP, description=OVERLAY_HELP)
+    overlay.add_argument("image", type=Path, help="PNG, JPEG or DICOM radiograph")
+    overlay.add_argument("--out", type=Path, required=True, help="PNG file to write")
+    overlay.add_argument(
+        "--model-dir", type=Path, default=None, help="model folder (default: models/default)"
+    )
+    overlay.add_argument(
+        "--finding", default=None, help="label to explain (default: the top flagged finding)"
+    )
+    overlay.add_argument("--max-side", type=int, default=1024, help="long side cap (1024)")
     commands.add_parser("audit", help=AUDIT_HELP, add_help=False)
     for name, text in TRAINING_COMMANDS.items():
         commands.add_parser(name, help=text + " (needs the [train] extra)", add_help=False)
@@ -84,6 +97,14 @@ def serve(args: argparse.Namespace) -> int:
     except ModelLoadError as exc:
         print(f"cxr-triage serve: {exc}", file=sys.stderr)
         return 2
+    if args.workers > 1 and settings.pacs_enabled:
+        # One DICOM port, one study database, one outbox: two processes would race on them.
+        print(
+            "cxr-triage serve: the PACS side (DICOM SCP, study state, outbox) runs in one "
+            "process; use --workers 1, or CXR_PACS_ENABLED=false for an HTTP-only service",
+            file=sys.stderr,
+        )
+        return 2
 
     import uvicorn
 
@@ -97,6 +118,51 @@ def serve(args: argparse.Namespace) -> int:
         port=args.port,
         workers=args.workers,
         log_level=(args.log_level or settings.log_level).lower(),
+    )
+    return 0
+
+
+def overlay(args: argparse.Namespace) -> int:
+    """The /predict heatmap path on one file: decode, run, pick the finding, render, save."""
+    from PIL import Image
+
+    from app.imaging.decode import decode_image
+    from app.imaging.heatmap import explained_label, render_overlay, select_map
+    from app.imaging.preprocess import to_model_input
+    from app.inference.runtime import ModelLoadError, ModelRuntime
+    from app.inference.scoring import score
+    from app.settings import DEFAULT_MODEL_DIR
+
+    try:
+        runtime = ModelRuntime.load(args.model_dir or DEFAULT_MODEL_DIR, providers="cpu")
+    except ModelLoadError as exc:
+        print(f"cxr-triage overlay: {exc}", file=sys.stderr)
+        return 2
+    card = runtime.card
+    if args.finding is not None and args.finding not in card.labels:
+        print(f"cxr-triage overlay: --finding must be one of {card.labels}", file=sys.stderr)
+        return 2
+    decoded = decode_image(args.image.read_bytes())
+    logits, heat = runtime.run(to_model_input(decoded.pixels, card.input)[None])
+    findings, triage = score(card, logits[0])
+    probs = [f.probability for f in findings]
+    label = explained_label(card.labels, probs, triage.screening_positive, args.finding)
+    index = card.labels.index(label)
+    rgb = render_overlay(
+        decoded.pixels,
+        select_map(heat[0], index),
+        finding=label,
+        probability=probs[index],
+        max_side=args.max_side,
+        resize=card.input.resize,
+        input_size=(card.input.height, card.input.width),
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rgb).save(args.out, optimize=True)
+    flagged = ", ".join(triage.screening_positive) or "none"
+    print(
+        f"wrote {args.out} ({rgb.shape[1]}x{rgb.shape[0]}): {label} p={probs[index]:.3f}; "
+        f"screening-positive: {flagged}"
     )
     return 0
 
@@ -136,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args_list and args_list[0] == "audit":
         return run_audit(args_list[1:])
     args = build_parser().parse_args(args_list)
+    if args.command == "overlay":
+        return overlay(args)
     return serve(args)
 
 
