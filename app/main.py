@@ -38,6 +38,7 @@ from app.api.schemas import (
     problem_responses,
 )
 from app.api.security import ApiKeyAuth, require_api_key, require_metrics_key
+from app.api.studies import StudyResponse, get_study
 from app.inference.batcher import MicroBatcher
 from app.inference.runtime import ModelRuntime
 from app.ops.audit import AuditLog, AuditMiddleware
@@ -81,6 +82,27 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     await batcher.start()
     app.state.runtime, app.state.batcher, app.state.decode_pool = runtime, batcher, pool
+    pacs = None
+    if settings.pacs_enabled:
+        # DICOM in and out (app/pacs): the SCP, the study assembler and the outbox.
+        from app.pacs.service import PacsService
+
+        try:
+            pacs = PacsService(
+                settings,
+                runtime,
+                batcher,
+                pool,
+                audit=audit if audit.enabled else None,
+                metrics=app.state.pacs_metrics,
+                registry=app.state.metrics.registry,
+            )
+            await pacs.start()
+        except BaseException:
+            await batcher.stop(timeout_s=1.0)
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        app.state.pacs = pacs
     drain: Drain = app.state.drain
     drain.draining = False
     # SIGTERM: /readyz and new /predict answer 503 while admitted requests finish; then uvicorn
@@ -94,6 +116,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         drain.draining = True
         uninstall_sigterm()
+        if pacs is not None:
+            # Before the batcher: no study may be left waiting on a stopped batcher.
+            app.state.pacs = None
+            await pacs.stop()
         await batcher.stop(timeout_s=settings.request_timeout_s)
         pool.shutdown(wait=True, cancel_futures=True)
         app.state.batcher = app.state.decode_pool = None
@@ -135,6 +161,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.decode_pool = None
     app.state.audit = AuditLog(effective.audit_db)
     app.state.drain = Drain()
+    app.state.pacs = None
+    app.state.pacs_metrics = None
+    if effective.pacs_enabled:
+        from app.pacs.service import PacsMetrics
+
+        app.state.pacs_metrics = PacsMetrics(app.state.metrics.registry)
 
     install_problem_handlers(app)
     install_docs(app)
@@ -157,6 +189,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         responses=problem_responses(401, 503),
         tags=["model"],
     )
+    if effective.pacs_enabled:
+        from app.pacs.stow import STOW_OPENAPI, stow
+
+        for path in ("/dicomweb/studies", "/dicomweb/studies/{study}"):
+            model_routes.add_api_route(
+                path,
+                stow,
+                methods=["POST"],
+                response_class=Response,
+                responses=problem_responses(400, 401, 413, 415, 503),
+                openapi_extra=STOW_OPENAPI,
+                tags=["pacs"],
+                summary="Store instances (STOW-RS)",
+            )
+        model_routes.add_api_route(
+            "/v1/studies/{study_instance_uid}",
+            get_study,
+            methods=["GET"],
+            response_model=StudyResponse,
+            responses=problem_responses(401, 404, 503),
+            tags=["pacs"],
+        )
     open_routes = APIRouter(tags=["operations"])
     open_routes.add_api_route("/healthz", healthz, methods=["GET"], response_model=Health)
     open_routes.add_api_route(

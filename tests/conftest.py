@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The PACS side (DICOM SCP on 11112, study state on disk) is off unless a test turns it on, so
+# apps built by other tests neither fight over one port nor write pacs/ into the checkout.
+os.environ.setdefault("CXR_PACS_ENABLED", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("CXR_DATA_DIR", REPO_ROOT.parent / "shared" / "data")).resolve()

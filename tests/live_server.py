@@ -73,7 +73,13 @@ def start_server(
     # Only the settings a test names reach the server: none leak in from the developer's shell.
     child_env = {key: value for key, value in os.environ.items() if not key.startswith("CXR_")}
     child_env.update(
-        {"CXR_INTRA_OP_THREADS": "1", "CXR_AUDIT_DB": "", "CXR_LOG_JSON": "true", **(env or {})}
+        {
+            "CXR_INTRA_OP_THREADS": "1",
+            "CXR_AUDIT_DB": "",
+            "CXR_LOG_JSON": "true",
+            "CXR_PACS_ENABLED": "false",  # tests that want the DICOM side say so
+            **(env or {}),
+        }
     )
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
