@@ -39,6 +39,7 @@ from app.api.schemas import (
 )
 from app.api.security import ApiKeyAuth, require_api_key, require_metrics_key
 from app.api.studies import StudyResponse, get_study
+from app.imaging.prepare import DecodeProcesses, decode_processes_for
 from app.inference.batcher import MicroBatcher
 from app.inference.runtime import ModelRuntime
 from app.ops.audit import AuditLog, AuditMiddleware
@@ -69,10 +70,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.model_dir,
         providers=settings.providers,
         intra_op_threads=settings.intra_op_threads,
+        allow_spinning=settings.ort_spinning,
     )
     await asyncio.to_thread(runtime.warm_up, (1, settings.max_batch_size))
     app.state.metrics.set_model(runtime.card.name, runtime.card.version)
     pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="cxr-decode")
+    # Worker processes for no-heatmap uploads on many-core GPU hosts (CXR_DECODE_PROCESSES).
+    n_processes = decode_processes_for(settings.decode_processes, runtime.device)
+    processes = DecodeProcesses(n_processes) if n_processes else None
+    if processes is not None:
+        await asyncio.to_thread(processes.warm_up)
+        logger.info("decoding in %d worker processes beside the threads", n_processes)
+    app.state.decode_processes = processes
     batcher = MicroBatcher(
         runtime.run,
         max_batch_size=settings.max_batch_size,
@@ -101,6 +110,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         except BaseException:
             await batcher.stop(timeout_s=1.0)
             pool.shutdown(wait=False, cancel_futures=True)
+            if processes is not None:
+                processes.shutdown()
             raise
         app.state.pacs = pacs
     drain: Drain = app.state.drain
@@ -122,7 +133,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             await pacs.stop()
         await batcher.stop(timeout_s=settings.request_timeout_s)
         pool.shutdown(wait=True, cancel_futures=True)
-        app.state.batcher = app.state.decode_pool = None
+        app.state.batcher = app.state.decode_pool = app.state.decode_processes = None
+        if processes is not None:
+            await asyncio.to_thread(processes.shutdown)
         # Every request has been answered (and recorded) by now: write the audit rows left.
         await asyncio.to_thread(audit.close)
 
@@ -159,6 +172,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.runtime = None
     app.state.batcher = None
     app.state.decode_pool = None
+    app.state.decode_processes = None
     app.state.audit = AuditLog(effective.audit_db)
     app.state.drain = Drain()
     app.state.pacs = None

@@ -34,6 +34,16 @@ class Settings(BaseSettings):
     )
     max_queue_size: int = Field(64, ge=1, description="Decoded images waiting; past it, 503")
     decode_workers: int = Field(2, ge=1, description="Threads decoding uploads")
+    decode_processes: int | Literal["auto"] = Field(
+        "auto",
+        description="Decode worker processes beside the threads (0 = threads only; 'auto' = "
+        "cores - 2, capped at 32, when the model runs on CUDA and the host has >= 8 cores, else 0)",
+    )
+    ort_spinning: bool = Field(
+        False,
+        description="Let idle ONNX Runtime intra-op threads busy-wait (faster alone, but they "
+        "take CPU from the decode workers; off by default)",
+    )
     max_upload_mb: float = Field(50.0, gt=0, description="Largest upload accepted (413 past it)")
     max_pixels: int = Field(
         60_000_000, gt=0, description="Largest decoded image (decompression-bomb guard)"

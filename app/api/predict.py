@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from app.api.schemas import (
 from app.card import ModelCard
 from app.imaging.decode import DecodedImage, NotEligible
 from app.imaging.heatmap import explained_label, overlay_png_base64, select_map
-from app.imaging.prepare import prepare
+from app.imaging.prepare import DecodeProcesses, prepare
 from app.inference.batcher import MicroBatcher, NotAccepting
 from app.inference.runtime import ModelRuntime
 from app.inference.scoring import score
@@ -209,7 +210,15 @@ async def predict(
     if audit is not None:
         audit.note_model(card.name, card.version)
     with batcher.admit() as slot:
-        prepared = await loop.run_in_executor(pool, prepare, data, hint, card, settings.max_pixels)
+        processes: DecodeProcesses | None = request.app.state.decode_processes
+        if processes is not None and not want_heatmap:
+            prepared = await processes.prepare(data, hint, card.input, settings.max_pixels)
+        else:
+            # Full-size pixels only for the overlay; without it the codec may decode reduced.
+            decode = partial(prepare, keep_pixels=want_heatmap)
+            prepared = await loop.run_in_executor(
+                pool, decode, data, hint, card, settings.max_pixels
+            )
         del data
         if audit is not None:
             audit.note_image(prepared.decoded.source, prepared.decoded.dicom)

@@ -64,6 +64,9 @@ WindowSource = Literal["voi_lut", "window", "min_max"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 DICM_OFFSET = 128
+# decode_image(reduce_to=...): a reduced decode keeps each side >= this x the target's larger
+# side (Pillow's own rule of thumb for draft + resize, as in Image.thumbnail's reducing_gap).
+REDUCE_GAP = 3.0
 
 # Foreign formats we name in a 415 so the caller learns what they actually sent.
 _FOREIGN_MAGIC: tuple[tuple[int, bytes, str], ...] = (
@@ -157,12 +160,13 @@ class NotEligible(DecodeError):
 
     The problem+json body lists every refusal (``refusals``: attribute, value, reason)."""
 
-    def __init__(self, refusals: tuple[Refusal, ...]) -> None:
+    def __init__(self, refusals: tuple[Refusal, ...], also: str | None = None) -> None:
         super().__init__(
             422,
             "Only frontal (PA/AP) chest radiographs are scored, and this DICOM is not one: "
             + "; ".join(r.reason for r in refusals)
-            + ".",
+            + "."
+            + (f" Nor could it be decoded: {also}." if also else ""),
             slug="not-eligible",
         )
         self.refusals = refusals
@@ -189,15 +193,24 @@ def decode_image(
     *,
     content_type: str | None = None,
     max_pixels: int = 60_000_000,
+    reduce_to: tuple[int, int] | None = None,
 ) -> DecodedImage:
     """Decode PNG, JPEG or DICOM bytes into a float32 grayscale image in [0, 1].
 
     ``content_type`` is a hint: the bytes decide the format, and a declared type that disagrees
     with them adds a warning. ``max_pixels`` caps width x height, checked from the header before
     any pixel is decoded (decompression bombs). Raises only :class:`DecodeError`.
+
+    ``reduce_to`` (height, width) says the caller only needs an image that large (the model's
+    input): a codec that can decode at a reduced scale then does, keeping every side at least
+    ``REDUCE_GAP`` times the larger of the two, so the antialiased resize that follows still has
+    that much to work with. Only JPEG can today (libjpeg's DCT scaling by 1/2, 1/4 or 1/8, via
+    Pillow's ``draft``); then ``pixels`` is smaller than ``image.rows`` x ``image.columns``, which
+    stay the stored size. Without it (the heatmap overlay, the PACS secondary capture, training)
+    ``pixels`` is always the original size.
     """
     try:
-        return _decode(bytes(data), content_type, max_pixels)
+        return _decode(bytes(data), content_type, max_pixels, reduce_to)
     except DecodeError:
         raise
     except MemoryError:
@@ -256,7 +269,12 @@ def _declared(content_type: str | None) -> tuple[str | None, Source | None]:
     return media, _DECLARED_TYPES.get(media)
 
 
-def _decode(data: bytes, content_type: str | None, max_pixels: int) -> DecodedImage:
+def _decode(
+    data: bytes,
+    content_type: str | None,
+    max_pixels: int,
+    reduce_to: tuple[int, int] | None = None,
+) -> DecodedImage:
     if not data:
         raise _err(400, "the upload is empty")
     declared, hinted = _declared(content_type)
@@ -288,8 +306,8 @@ def _decode(data: bytes, content_type: str | None, max_pixels: int) -> DecodedIm
             decoded.image,
             decoded.eligibility,
         )
-    pixels, bits, more = _decode_pillow(data, fmt, max_pixels)
-    meta = ImageMeta(rows=pixels.shape[0], columns=pixels.shape[1], bits_stored=bits)
+    pixels, bits, more, (rows, columns) = _decode_pillow(data, fmt, max_pixels, reduce_to)
+    meta = ImageMeta(rows=rows, columns=columns, bits_stored=bits)
     return DecodedImage(pixels, fmt, None, (*warnings, *more), meta)
 
 
@@ -305,9 +323,11 @@ def _describe(sniffed: str) -> str:
 # PNG / JPEG
 
 
-def _decode_pillow(data: bytes, fmt: Source, max_pixels: int) -> tuple[np.ndarray, int, list[str]]:
-    """Pillow decode to luminance, and the bit depth; the size check happens on the header,
-    before pixels load."""
+def _decode_pillow(
+    data: bytes, fmt: Source, max_pixels: int, reduce_to: tuple[int, int] | None = None
+) -> tuple[np.ndarray, int, list[str], tuple[int, int]]:
+    """Pillow decode to luminance, the bit depth and the stored (rows, columns); the size check
+    happens on the header, before pixels load."""
     name = fmt.upper()
     warnings: list[str] = []
     try:
@@ -329,18 +349,25 @@ def _decode_pillow(data: bytes, fmt: Source, max_pixels: int) -> tuple[np.ndarra
         )
     if getattr(im, "n_frames", 1) > 1:
         warnings.append(f"the {name} has {im.n_frames} frames; used the first")
+    if fmt == "jpeg" and reduce_to is not None:
+        # Before anything loads, and once: libjpeg takes a single draft request. A square
+        # request keeps the bound whatever the EXIF orientation turns the image into.
+        side = int(max(reduce_to) * REDUCE_GAP)
+        im.draft("L" if im.mode in ("RGB", "YCbCr") else None, (side, side))
 
     try:
         orientation = im.getexif().get(0x0112, 1)
+        # The image as displayed (after the EXIF orientation), at its stored size even drafted.
+        shown = (width, height) if orientation in (5, 6, 7, 8) else (height, width)
         if orientation in range(2, 9):
             im = ImageOps.exif_transpose(im)
             warnings.append(f"applied the EXIF orientation ({orientation})")
         if im.mode.startswith("I;16") or im.mode == "I":
-            return _png_16_bit(im, data, warnings), 16, warnings
+            return _png_16_bit(im, data, warnings), 16, warnings, shown
         pixels = _pillow_to_unit_float(im, fmt)
     except (OSError, SyntaxError, ValueError, struct.error, EOFError, zlib.error):
         raise _err(422, f"the {name} pixel data is truncated or corrupt") from None
-    return pixels, 8, warnings
+    return pixels, 8, warnings, shown
 
 
 def _png_16_bit(im: Image.Image, data: bytes, warnings: list[str]) -> np.ndarray:
@@ -410,11 +437,11 @@ def _decode_dicom(data: bytes, max_pixels: int, *, part10: bool) -> DecodedImage
     eligibility = check_eligibility(ds)
     try:
         return _decode_dicom_pixels(ds, uids, eligibility, max_pixels, warnings)
-    except DecodeError:
+    except DecodeError as exc:
         # An SR, a colour ultrasound, a CT in an odd syntax: that it is not a chest radiograph
         # is the answer that helps, and it cannot be scored under either policy.
         if eligibility.refusals:
-            raise NotEligible(eligibility.refusals) from None
+            raise NotEligible(eligibility.refusals, also=exc.detail) from None
         raise
 
 

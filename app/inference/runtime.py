@@ -120,13 +120,17 @@ def choose_providers(setting: Literal["auto", "cuda", "cpu"]) -> list[str]:
     return [CPU]
 
 
-def session_options(intra_op_threads: int) -> ort.SessionOptions:
+def session_options(intra_op_threads: int, allow_spinning: bool = True) -> ort.SessionOptions:
     """One request stream per session: sequential execution, a single inter-op thread.
 
     On CPU the intra-op pool is the only parallelism; more threads than cores makes ViT-B runs
-    2-3x slower, so the default is one thread per core.
+    2-3x slower, so the default is one thread per core. ``allow_spinning=False`` makes idle
+    intra-op threads sleep instead of busy-waiting for the next op, which leaves the cores to the
+    decode workers between and during runs (see ``CXR_ORT_SPINNING``).
     """
     opts = ort.SessionOptions()
+    if not allow_spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.intra_op_num_threads = intra_op_threads
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -213,6 +217,7 @@ class ModelRuntime:
         *,
         providers: Literal["auto", "cuda", "cpu"] = "auto",
         intra_op_threads: int = 1,
+        allow_spinning: bool = True,
     ) -> ModelRuntime:
         """Load and validate ``model_dir``; every failure is a :class:`ModelLoadError`."""
         start = time.perf_counter()
@@ -236,7 +241,9 @@ class ModelRuntime:
                 logger.debug("ort.preload_dlls failed", exc_info=True)
         try:
             session = ort.InferenceSession(
-                str(onnx_path), sess_options=session_options(intra_op_threads), providers=wanted
+                str(onnx_path),
+                sess_options=session_options(intra_op_threads, allow_spinning),
+                providers=wanted,
             )
         except Exception as exc:
             raise ModelLoadError(f"ONNX Runtime cannot load {onnx_path}: {exc}") from exc
