@@ -140,12 +140,16 @@ class DimseSender:
             )
             return dict.fromkeys(datasets, SendOutcome(False, why))
         outcomes: dict[int, SendOutcome] = {}
+        broken = False
         try:
             for index, ds in datasets.items():
-                if not assoc.is_established:
+                if broken or not assoc.is_established:
+                    # Sending on an association the peer dropped would only wait out the
+                    # DIMSE timeout: the rest of the batch goes with the next attempt.
                     outcomes[index] = SendOutcome(False, "association ended before this object")
                     continue
                 outcomes[index] = self._store_one(assoc, ds)
+                broken = not outcomes[index].ok and not outcomes[index].permanent
         finally:
             if assoc.is_established:
                 assoc.release()
