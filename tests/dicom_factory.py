@@ -26,8 +26,8 @@ API
       pass None to leave an attribute out;
     - ``bits_stored`` (12): 8-bit sources are spread to the full stored range
       (``v * (2**bits - 1) / 255``, rounded), so a window over that range shows the PNG again;
-    - ``photometric`` ("MONOCHROME2"); "MONOCHROME1" stores inverted values, so the displayed
-      image is still the PNG;
+    - ``photometric`` ("MONOCHROME2"); with an 8-bit source "MONOCHROME1" stores inverted
+      values, so the displayed image is still the PNG (other arrays are stored as given);
     - ``window`` ((center, width) covering the stored range, i.e. the PNG), or None for none;
     - ``patient_name``, ``patient_id``, ``birth_date``, ``sex``, ``accession``: FAKE defaults;
     - ``**attributes``: any other DICOM keyword set last (None deletes it), e.g.
@@ -134,7 +134,7 @@ def make_dataset(
         raise ValueError(f"expected a 2-D grayscale source, got shape {gray.shape}")
     values = stored_values(gray, bits_stored)
     top = (1 << bits_stored) - 1
-    if photometric == "MONOCHROME1" and values.dtype.kind == "u":
+    if photometric == "MONOCHROME1" and gray.dtype == np.uint8:
         values = (top - values.astype(np.int64)).astype(values.dtype)
     sop_class = sop_class or _SOP_FOR_MODALITY.get(modality, SECONDARY_CAPTURE)
     sop_uid = sop_uid or generate_uid()

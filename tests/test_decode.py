@@ -16,7 +16,12 @@ import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.pixels import apply_windowing, get_encoder
+from pydicom.pixels import (
+    apply_modality_lut,
+    apply_voi_lut,
+    apply_windowing,
+    get_encoder,
+)
 from pydicom.uid import (
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
@@ -29,9 +34,11 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from app.card import InputSpec
+from app.card import InputSpec, ModelCard
 from app.imaging.decode import DecodedImage, DecodeError, apply_window, decode_image
-from app.imaging.preprocess import resize_gray, to_model_input
+from app.imaging.preprocess import fit_gray, resize_gray, to_model_input
+from app.settings import DEFAULT_MODEL_DIR
+from tests import dicom_factory as factory
 
 BROKEN_DICOMS = {"pylibjpegdata__966.dcm", "pylibjpegdata__RG2_JPLY.dcm"}
 PATIENT_NAME = "Doe^Jane"
@@ -760,3 +767,346 @@ def test_dicom_and_png_give_the_same_model_input(
     dcm = _part10(_dataset(stored, **attrs), JPEG2000Lossless)  # type: ignore[arg-type]
     from_dicom = to_model_input(decode_image(dcm).pixels, spec)
     assert np.abs(from_png - from_dicom).max() < 1e-3
+
+
+# ------------------------------------------------------------------------------------------
+# Display rules (DESIGN.md "Image decoding"): DICOMs built with tests/dicom_factory.py from real
+# NIH PNGs, each compared with the PNG pixel by pixel, against pydicom's or highdicom's own
+# pipeline on the same file, and by the bundled model's scores (within 0.02).
+
+SCORE_IMAGES = (10, 47, 101)  # indices into the sorted 1024 px NIH PNGs, not the reference
+BORDER = 96  # px of detector padding around the anatomy
+LUT_ENTRIES = 4096
+
+
+def _lut_item(entries: int = LUT_ENTRIES) -> Dataset:
+    """A 12-bit-in, 16-bit-out identity VOI LUT (US data; Implicit VR files read it as OW)."""
+    item = Dataset()
+    item.LUTDescriptor = [entries, 0, 16]
+    item.LUTData = [round(i / (entries - 1) * 65535) for i in range(entries)]
+    item["LUTData"].VR = "US"
+    return item
+
+
+def _with_border(gray: np.ndarray, value: float, border: int = BORDER) -> np.ndarray:
+    return np.pad(gray, border, constant_values=value)
+
+
+def _png_of(unit: np.ndarray) -> bytes:
+    return _png_bytes(Image.fromarray(np.rint(unit * 255).astype(np.uint8)))
+
+
+def _png_with_sbit(png: bytes, bits: int) -> bytes:
+    """Insert an sBIT chunk after IHDR (Pillow does not write one)."""
+    body = b"sBIT" + bytes([bits])
+    chunk = struct.pack(">I", 1) + body + struct.pack(">I", zlib.crc32(body))
+    ihdr_end = 8 + 4 + 4 + 13 + 4
+    return png[:ihdr_end] + chunk + png[ihdr_end:]
+
+
+def _voi_lut_ow(u8: np.ndarray) -> tuple[bytes, np.ndarray]:
+    ds = factory.make_dataset(u8, bits_stored=12, window=(100, 50))  # the LUT must win
+    ds.VOILUTSequence = [_lut_item()]
+    return factory.to_bytes(ds, ImplicitVRLittleEndian), u8 / 255.0
+
+
+def _padding_min_max(u8: np.ndarray) -> tuple[bytes, np.ndarray]:
+    anatomy = np.rint(1000 + u8.astype(np.float64) * (2000 / 255)).astype(np.uint16)
+    stored = _with_border(anatomy, 65535)
+    ds = factory.make_dataset(stored, bits_stored=16, window=None, PixelPaddingValue=65535)
+    return factory.to_bytes(ds, ImplicitVRLittleEndian), _with_border(u8 / 255.0, 0.0)
+
+
+def _padding_range(u8: np.ndarray) -> tuple[bytes, np.ndarray]:
+    anatomy = np.rint(1000 + u8.astype(np.float64) * (2000 / 255)).astype(np.uint16)
+    stored = _with_border(anatomy, 0)
+    rng = np.random.default_rng(9)
+    frame = np.ones(stored.shape, bool)
+    frame[BORDER:-BORDER, BORDER:-BORDER] = False
+    stored[frame] = rng.integers(60000, 65536, int(frame.sum()))
+    ds = factory.make_dataset(
+        stored,
+        bits_stored=16,
+        window=None,
+        PixelPaddingValue=60000,
+        PixelPaddingRangeLimit=65535,
+    )
+    return factory.to_bytes(ds), _with_border(u8 / 255.0, 0.0)
+
+
+def _padding_monochrome1_window(u8: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """MONOCHROME1 padding at 0 would show white once inverted: it must show darkest."""
+    anatomy = np.rint(3000 - u8.astype(np.float64) * (2000 / 255)).astype(np.uint16)
+    stored = _with_border(anatomy, 0)
+    ds = factory.make_dataset(
+        stored, bits_stored=16, photometric="MONOCHROME1", window=(2000.5, 2001)
+    )
+    ds.PixelPaddingValue = 0
+    return factory.to_bytes(ds), _with_border(u8 / 255.0, 0.0)
+
+
+def _inverse_monochrome2(u8: np.ndarray) -> tuple[bytes, np.ndarray]:
+    ds = factory.make_dataset(4095 - factory.stored_values(u8, 12), bits_stored=12)
+    ds.PresentationLUTShape = "INVERSE"
+    return factory.to_bytes(ds), u8 / 255.0
+
+
+def _inverse_monochrome1(u8: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """A conformant MONOCHROME1 DX (PresentationLUTShape INVERSE): inverted once, not twice."""
+    ds = factory.make_dataset(u8, bits_stored=12, photometric="MONOCHROME1")
+    ds.PresentationLUTShape = "INVERSE"
+    return factory.to_bytes(ds), u8 / 255.0
+
+
+def _functional_groups(
+    u8: np.ndarray, *, top_level_window: bool = False
+) -> tuple[bytes, np.ndarray]:
+    """A multi-frame object whose rescale is in the Shared and whose windows are in the
+    Per-frame Functional Groups (frame 2 has a different, wrong-for-frame-1 window)."""
+    v12 = factory.stored_values(u8, 12)
+    ds = factory.make_dataset(
+        u8,
+        bits_stored=12,
+        sop_class=factory.MF_GRAYSCALE_WORD_SC,
+        window=(100, 50) if top_level_window else None,
+        RescaleSlope=None,
+        RescaleIntercept=None,
+        RescaleType=None,
+    )
+    ds.NumberOfFrames = 2
+    ds.PixelData = np.stack([v12, 4095 - v12]).astype(np.uint16).tobytes()
+    transform = Dataset()
+    transform.RescaleSlope, transform.RescaleIntercept, transform.RescaleType = 0.5, -1024, "US"
+    shared = Dataset()
+    shared.PixelValueTransformationSequence = [transform]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    frames = []
+    for center, width in ((0.25, 2048.5), (500.0, 20.0)):  # rescaled units: 0.5 s - 1024
+        voi = Dataset()
+        voi.WindowCenter, voi.WindowWidth = center, width
+        item = Dataset()
+        item.FrameVOILUTSequence = [voi]
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = frames
+    return factory.to_bytes(ds), u8 / 255.0
+
+
+def _png_16_bit_sbit(u8: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """A 12-bit DICOM exported unscaled into a 16-bit PNG, with sBIT 12."""
+    png = _png_bytes(Image.fromarray(factory.stored_values(u8, 12)))
+    return _png_with_sbit(png, 12), u8 / 255.0
+
+
+DISPLAY_RULES: dict[str, Callable[[np.ndarray], tuple[bytes, np.ndarray]]] = {
+    "VOI LUT with OW LUTData": _voi_lut_ow,
+    "PixelPaddingValue out of min-max": _padding_min_max,
+    "PixelPaddingRangeLimit": _padding_range,
+    "padding darkest (MONOCHROME1, window)": _padding_monochrome1_window,
+    "PresentationLUTShape INVERSE on MONOCHROME2": _inverse_monochrome2,
+    "MONOCHROME1 with INVERSE, once": _inverse_monochrome1,
+    "functional groups": _functional_groups,
+    "functional groups over a top-level window": lambda u8: _functional_groups(
+        u8, top_level_window=True
+    ),
+    "16-bit PNG with sBIT": _png_16_bit_sbit,
+}
+EXPECTED_SOURCE = {
+    "VOI LUT with OW LUTData": "voi_lut",
+    "PixelPaddingValue out of min-max": "min_max",
+    "PixelPaddingRangeLimit": "min_max",
+}
+
+
+@pytest.mark.parametrize("rule", sorted(DISPLAY_RULES))
+def test_display_rules_give_the_png(reference_u8: np.ndarray, rule: str) -> None:
+    data, expected = DISPLAY_RULES[rule](reference_u8)
+    decoded = decode_image(data)
+    _assert_unit_gray(decoded.pixels, expected.shape)
+    np.testing.assert_allclose(decoded.pixels, expected, atol=5e-4, rtol=0)
+    assert not [w for w in decoded.warnings if "could not" in w or "malformed" in w]
+    assert decoded.image is not None
+    if decoded.source == "dicom":
+        assert decoded.image.window_source == EXPECTED_SOURCE.get(rule, "window")
+        assert decoded.eligibility is not None and decoded.eligibility.eligible
+
+
+def test_ow_lut_data_is_what_implicit_vr_files_hold(reference_u8: np.ndarray) -> None:
+    data, _ = _voi_lut_ow(reference_u8)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    assert ds.VOILUTSequence[0]["LUTData"].VR == "OW"
+    # pydicom's own pipeline on the same file, scaled from the LUT's 16-bit output.
+    modality = np.rint(apply_modality_lut(ds.pixel_array, ds)).astype(np.int64)
+    want = apply_voi_lut(modality, ds) / 65535.0
+    np.testing.assert_allclose(decode_image(data).pixels, want, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        "PresentationLUTShape INVERSE on MONOCHROME2",
+        "MONOCHROME1 with INVERSE, once",
+        "functional groups",
+        "VOI LUT with OW LUTData",
+    ],
+)
+def test_display_matches_highdicoms_pipeline(reference_u8: np.ndarray, rule: str) -> None:
+    """highdicom's Image.get_frame applies modality, VOI and presentation LUTs from the
+    top level or the functional groups; ours must agree on the same file (within 1e-3:
+    highdicom's window arithmetic differs from pydicom's by up to 4e-4 after a rescale; a wrong
+    window or a missed inversion is off by far more)."""
+    import highdicom
+
+    data, _ = DISPLAY_RULES[rule](reference_u8)
+    image = highdicom.Image.from_dataset(pydicom.dcmread(io.BytesIO(data)), copy=False)
+    want = image.get_frame(1, apply_voi_transform=True, voi_output_range=(0.0, 1.0))
+    np.testing.assert_allclose(decode_image(data).pixels, want, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("function", ["LINEAR", "LINEAR_EXACT", "SIGMOID"])
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_fast_rescale_and_window_path_equals_pydicoms(
+    reference_u8: np.ndarray, function: str, photometric: str
+) -> None:
+    """The float32 rescale + window path against pydicom's apply_modality_lut +
+    apply_windowing (float64) on the same file, scaled by pydicom's output range."""
+    ds = factory.make_dataset(
+        reference_u8,
+        bits_stored=12,
+        photometric=photometric,
+        window=(0.0, 1800.0),
+        RescaleSlope=0.5,
+        RescaleIntercept=-1024,
+        VOILUTFunction=function,
+    )
+    data = factory.to_bytes(ds)
+    read = pydicom.dcmread(io.BytesIO(data))
+    windowed = apply_windowing(apply_modality_lut(read.pixel_array, read), read)
+    y_min, y_max = 0 * 0.5 - 1024, 4095 * 0.5 - 1024  # pydicom's range for 12-bit unsigned
+    want = (windowed - y_min) / (y_max - y_min)
+    if photometric == "MONOCHROME1":
+        want = 1.0 - want
+    decoded = decode_image(data)
+    assert decoded.image is not None and decoded.image.window_source == "window"
+    np.testing.assert_allclose(decoded.pixels, want, atol=2e-6, rtol=0)
+
+
+def test_padding_counts_for_nothing_even_inside_a_window(reference_u8: np.ndarray) -> None:
+    stored = _with_border(factory.stored_values(reference_u8, 12), 4095)
+    ds = factory.make_dataset(stored, bits_stored=12, PixelPaddingValue=4095)
+    pixels = decode_image(factory.to_bytes(ds)).pixels
+    assert (pixels[:BORDER] == 0).all() and (pixels[:, -BORDER:] == 0).all()
+    # Without the padding attribute the same border is white: the attribute is what counts.
+    del ds.PixelPaddingValue
+    assert (decode_image(factory.to_bytes(ds)).pixels[:BORDER] == 1).all()
+
+
+def test_16_bit_png_without_sbit_below_4096_warns(reference_u8: np.ndarray) -> None:
+    png = _png_bytes(Image.fromarray(factory.stored_values(reference_u8, 12)))
+    decoded = decode_image(png)
+    np.testing.assert_allclose(decoded.pixels, factory.stored_values(reference_u8, 12) / 65535)
+    assert len(decoded.warnings) == 1 and "sBIT" in decoded.warnings[0]
+    assert decoded.image is not None and decoded.image.bits_stored == 16
+
+
+def test_16_bit_png_with_sbit_but_scaled_values_divides_by_65535(reference_u8: np.ndarray) -> None:
+    """A scaled export (12 significant bits shifted to the top) keeps /65535, no warning."""
+    shifted = factory.stored_values(reference_u8, 12) << 4
+    decoded = decode_image(_png_with_sbit(_png_bytes(Image.fromarray(shifted)), 12))
+    np.testing.assert_allclose(decoded.pixels, shifted / 65535, atol=1e-6)
+    assert decoded.warnings == ()
+
+
+def test_presentation_lut_shape_identity_keeps_monochrome2(reference_u8: np.ndarray) -> None:
+    ds = factory.make_dataset(reference_u8, bits_stored=12, PresentationLUTShape="IDENTITY")
+    np.testing.assert_allclose(
+        decode_image(factory.to_bytes(ds)).pixels, reference_u8 / 255.0, atol=5e-4
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Aspect ratio: the card's input.resize
+
+
+def test_resize_modes(reference_u8: np.ndarray) -> None:
+    """squash stretches; center_crop equals resizing the centre crop; pad fits the whole image
+    inside black borders."""
+    tall = _with_border(reference_u8 / np.float32(255), 0.0)[:, BORDER:-BORDER]  # 1216 x 1024
+    tall = np.ascontiguousarray(tall, dtype=np.float32)
+    squash = fit_gray(tall, 64, 64, "bicubic", "squash")
+    np.testing.assert_array_equal(squash, resize_gray(tall, 64, 64, "bicubic"))
+    crop = fit_gray(tall, 64, 64, "bicubic", "center_crop")
+    np.testing.assert_allclose(crop, resize_gray(reference_u8, 64, 64, "bicubic"), atol=1e-6)
+    padded = fit_gray(reference_u8, 64, 80, "bicubic", "pad")
+    assert padded.shape == (64, 80)
+    assert (padded[:, :8] == 0).all() and (padded[:, -8:] == 0).all()
+    np.testing.assert_allclose(padded[:, 8:72], resize_gray(reference_u8, 64, 64), atol=1e-6)
+    for mode in ("squash", "pad", "center_crop"):  # a square image: all the same resize
+        np.testing.assert_array_equal(
+            fit_gray(reference_u8, 64, 64, "bicubic", mode), resize_gray(reference_u8, 64, 64)
+        )
+
+
+def test_bundled_card_says_squash() -> None:
+    card = ModelCard.load(DEFAULT_MODEL_DIR / "model_card.json")
+    assert card.input.resize == "squash"
+    assert InputSpec(height=8, width=8, mean=(0, 0, 0), std=(1, 1, 1)).resize == "squash"
+
+
+# ------------------------------------------------------------------------------------------
+# Scores through the bundled model (the acceptance: within 0.02 of the PNG)
+
+
+@pytest.fixture(scope="module")
+def bundled_scores() -> Callable[..., np.ndarray]:
+    if not (DEFAULT_MODEL_DIR / "model_card.json").is_file():
+        pytest.skip(f"no bundled model at {DEFAULT_MODEL_DIR}")
+    import onnxruntime as ort
+
+    card = ModelCard.load(DEFAULT_MODEL_DIR / "model_card.json")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(
+        str(DEFAULT_MODEL_DIR / "model.onnx"), options, providers=["CPUExecutionProvider"]
+    )
+
+    def run(data: bytes, resize: str | None = None) -> np.ndarray:
+        spec = card.input if resize is None else card.input.model_copy(update={"resize": resize})
+        x = to_model_input(decode_image(data).pixels, spec)
+        (logits,) = session.run(["logits"], {"pixel_values": x[None]})
+        return 1.0 / (1.0 + np.exp(-logits[0].astype(np.float64)))
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def score_pngs(nih_dir: Path) -> list[Path]:
+    pngs = sorted((nih_dir / "images" / "nih-1024").glob("*.png"))
+    return [pngs[i] for i in SCORE_IMAGES]
+
+
+@pytest.mark.parametrize("rule", sorted(DISPLAY_RULES))
+def test_display_rules_score_as_the_png(bundled_scores, score_pngs, rule: str) -> None:
+    for path in score_pngs:
+        u8 = factory.png_gray(path)
+        data, expected = DISPLAY_RULES[rule](u8)
+        want = bundled_scores(
+            path.read_bytes() if expected.shape == u8.shape else _png_of(expected)
+        )
+        got = bundled_scores(data)
+        assert np.abs(got - want).max() <= 0.02, (rule, path.name, np.abs(got - want).max())
+
+
+def test_a_35x43_detector_image_center_cropped_scores_as_the_png(
+    bundled_scores, score_pngs
+) -> None:
+    """A portrait detector image (anatomy with padded bands above and below): with a card that
+    says center_crop it scores as the square PNG does."""
+    for path in score_pngs:
+        u8 = factory.png_gray(path)
+        rows = round(u8.shape[1] * 43 / 35)
+        band = (rows - u8.shape[0]) // 2
+        stored = np.pad(factory.stored_values(u8, 12), ((band, rows - u8.shape[0] - band), (0, 0)))
+        ds = factory.make_dataset(stored, bits_stored=12, PixelPaddingValue=0)
+        got = bundled_scores(factory.to_bytes(ds), resize="center_crop")
+        want = bundled_scores(path.read_bytes())
+        assert np.abs(got - want).max() <= 0.02, (path.name, np.abs(got - want).max())
