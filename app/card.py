@@ -145,6 +145,34 @@ class Localisation(BaseModel):
     command: str | None = None
 
 
+class QuantizationInfo(BaseModel):
+    """An int8 graph made from a float32 one (``training/quantize.py``) and what it cost.
+
+    Speeds are medians of alternating runs of both graphs on the exporting machine's CPU (ONNX
+    Runtime, the service's session options); AUROC is the macro mean over the pathologies with
+    both classes among the validation images, scored by each graph at the same thresholds.
+    """
+
+    method: Literal["dynamic", "static"]
+    source: str = Field(description="The float32 model it was made from")
+    calibration_images: int = 0
+    cpu_threads: int
+    batch1_ms_fp32: float
+    batch1_ms_int8: float
+    batch1_cpu_ms_fp32: float | None = None
+    batch1_cpu_ms_int8: float | None = None
+    batch8_img_s_fp32: float | None = None
+    batch8_img_s_int8: float | None = None
+    speedup_batch1: float
+    speedup_batch8: float | None = None
+    validation_images: int | None = None
+    mean_auroc_fp32: float | None = None
+    mean_auroc_int8: float | None = None
+    mean_auroc_delta: float | None = None
+    auroc_delta: dict[str, float] = Field(default_factory=dict, description="label -> int8 - fp32")
+    command: str | None = None
+
+
 class ExportInfo(BaseModel):
     """Numeric precision of the graph and how far it is from the float32 torch model.
 
@@ -152,11 +180,12 @@ class ExportInfo(BaseModel):
     float32 model on the validation images, at this card's thresholds and temperature.
     """
 
-    precision: Literal["fp32", "fp16"] = "fp32"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
     parity_images: int | None = None
     max_abs_dprob: float | None = None
     decisions_total: int | None = None
     decisions_changed: dict[str, int] = Field(default_factory=dict)
+    quantization: QuantizationInfo | None = None
 
 
 class ModelCard(BaseModel):
