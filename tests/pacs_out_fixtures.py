@@ -6,6 +6,7 @@ maximum and heatmap choice as the study scorer. Also a pynetdicom fake PACS and 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -235,6 +237,109 @@ class StoreScp:
             os.kill(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+
+
+# --------------------------------------------------------------------------------- Orthanc
+
+ORTHANC_EXE = "/usr/sbin/Orthanc"
+ORTHANC_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "orthanc"
+ORTHANC_AUTH = ("demo", "demo")  # deploy/orthanc/orthanc.json's demo user
+
+
+def orthanc_available() -> str | None:
+    """Why an Orthanc test cannot run here, or None when it can."""
+    exe = shutil.which("Orthanc") or (ORTHANC_EXE if Path(ORTHANC_EXE).is_file() else None)
+    if exe is None:
+        return "Orthanc not installed (apt-get install orthanc orthanc-dicomweb)"
+    plugins = [Path(p) for p in ("/usr/share/orthanc/plugins", "/usr/local/share/orthanc/plugins")]
+    if not any(p.is_dir() and any(p.glob("libOrthancDicomWeb*")) for p in plugins):
+        return "Orthanc's DICOMweb plugin not installed (apt-get install orthanc-dicomweb)"
+    return None
+
+
+@dataclass
+class Orthanc:
+    """A real Orthanc on loopback ports, configured from ``deploy/orthanc`` (the demo PACS of
+    docker-compose), with its storage in ``root``; stopped by PID."""
+
+    root: Path
+    http_port: int
+    dicom_port: int
+    triage_port: int
+    triage_host: str = "127.0.0.1"
+    process: subprocess.Popen[bytes] | None = None
+
+    def config(self) -> dict[str, Any]:
+        config = json.loads((ORTHANC_CONFIG / "orthanc.json").read_text())
+        config.update(
+            {
+                "StorageDirectory": str(self.root / "db"),
+                "IndexDirectory": str(self.root / "db"),
+                "HttpPort": self.http_port,
+                "DicomPort": self.dicom_port,
+                "RemoteAccessAllowed": False,
+                "DicomModalities": {
+                    "cxr-triage": ["CXR_TRIAGE", self.triage_host, self.triage_port]
+                },
+                "LuaScripts": [str(ORTHANC_CONFIG / "route-to-cxr-triage.lua")],
+            }
+        )
+        return config
+
+    def start(self) -> Orthanc:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / "orthanc.json"
+        path.write_text(json.dumps(self.config(), indent=2))
+        exe = shutil.which("Orthanc") or ORTHANC_EXE
+        log = (self.root / "orthanc.log").open("ab")
+        self.process = subprocess.Popen([exe, str(path)], stdout=log, stderr=subprocess.STDOUT)
+
+        def up() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"Orthanc exited:\n{self.log()[-3000:]}")
+            try:
+                return self.client().get("/system").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, what="Orthanc's REST API")
+        return self
+
+    def log(self) -> str:
+        path = self.root / "orthanc.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, auth=ORTHANC_AUTH, timeout=30)
+
+    def series(self, study_uid: str) -> list[dict[str, Any]]:
+        """The study's series: Orthanc ids, Modality, ParentStudy and instance ids."""
+        with self.client() as client:
+            found = client.post(
+                "/tools/find",
+                json={"Level": "Series", "Query": {"StudyInstanceUID": study_uid}, "Expand": True},
+            )
+        found.raise_for_status()
+        return found.json()
+
+    def file(self, instance_id: str) -> bytes:
+        with self.client() as client:
+            response = client.get(f"/instances/{instance_id}/file")
+        response.raise_for_status()
+        return response.content
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
             except subprocess.TimeoutExpired:
                 os.kill(self.process.pid, signal.SIGKILL)
                 self.process.wait(10)
