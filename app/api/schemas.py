@@ -208,6 +208,14 @@ class ModelInfo(ModelCard):
     runtime: RuntimeInfo
 
 
+class RefusalDetail(BaseModel):
+    """One attribute that makes a DICOM ineligible (``not-eligible`` problems only)."""
+
+    attribute: str = Field(examples=["ViewPosition"])
+    value: str = Field(examples=["LL"])
+    reason: str = Field(examples=["ViewPosition LL is not frontal"])
+
+
 class ProblemDetails(BaseModel):
     """RFC 9457 problem details (``application/problem+json``)."""
 
@@ -216,6 +224,11 @@ class ProblemDetails(BaseModel):
     status: int = Field(examples=[415])
     detail: str = Field(examples=["Send PNG, JPEG or DICOM (got text/plain)."])
     request_id: str | None = Field(default=None, examples=["6f1c2b0e9d4a4c8f9a51a3e2d7b4c010"])
+    refusals: list[RefusalDetail] | None = Field(
+        default=None,
+        description="Only in a not-eligible problem: each attribute that says the DICOM is not "
+        "a frontal chest radiograph",
+    )
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -225,7 +238,8 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         401: "A valid API key is required",
         413: "The upload or its decoded image is too large",
         415: "Not PNG, JPEG or DICOM",
-        422: "The request or the image cannot be used (the detail says why)",
+        422: "The request or the image cannot be used (the detail says why; not-eligible: a "
+        "DICOM that is not a frontal chest radiograph, with its refusals)",
         500: "Internal error (no internals are disclosed)",
         503: "Queue full, model not loaded, or shutting down; see Retry-After",
         504: "The request's deadline passed",
