@@ -107,13 +107,40 @@ def decode_timings(data_dir: str | Path, repeats: int = 10) -> list[dict[str, An
     ``decode_preprocess_ms`` (medians), ``decode_min_ms``, ``decode_preprocess_min_ms``
     (minima) and ``synthetic`` (True for in-memory re-encodings).
     """
-    import pydicom
-
     from app.card import InputSpec
     from app.imaging.decode import decode_image
     from app.imaging.preprocess import to_model_input
 
     spec = InputSpec(height=224, width=224, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    rows = []
+    for name, encoding, data, synthetic in collect_samples(data_dir):
+        decoded = decode_image(data)
+        height, width = decoded.pixels.shape
+        decode = _timings_ms(lambda d=data: decode_image(d), repeats)
+        both = _timings_ms(lambda d=data: to_model_input(decode_image(d).pixels, spec), repeats)
+        rows.append(
+            {
+                "file": name,
+                "format": decoded.source,
+                "transfer_syntax": encoding,
+                "size": f"{width}x{height}",
+                "bytes": len(data),
+                "decode_ms": decode[0],
+                "decode_min_ms": decode[1],
+                "decode_preprocess_ms": both[0],
+                "decode_preprocess_min_ms": both[1],
+                "synthetic": synthetic,
+            }
+        )
+    return rows
+
+
+def collect_samples(data_dir: str | Path) -> list[tuple[str, str, bytes, bool]]:
+    """(name, encoding, bytes, synthetic) for every format and transfer syntax benchmarked:
+    the shared data's NIH PNGs (one per mode, and the 256/64 px subsets), every decodable shared
+    DICOM, and in-memory re-encodings of a real NIH image for what the data lacks."""
+    import pydicom
+
     data_dir = Path(data_dir)
     nih = data_dir / "nih" / "images"
     png_1024 = sorted((nih / "nih-1024").glob("*.png"))
@@ -138,28 +165,7 @@ def decode_timings(data_dir: str | Path, repeats: int = 10) -> list[dict[str, An
             continue
         tsyntax = pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
         samples.append((path.name, tsyntax.name, path.read_bytes(), False))
-
-    rows = []
-    for name, encoding, data, synthetic in samples:
-        decoded = decode_image(data)
-        height, width = decoded.pixels.shape
-        decode = _timings_ms(lambda d=data: decode_image(d), repeats)
-        both = _timings_ms(lambda d=data: to_model_input(decode_image(d).pixels, spec), repeats)
-        rows.append(
-            {
-                "file": name,
-                "format": decoded.source,
-                "transfer_syntax": encoding,
-                "size": f"{width}x{height}",
-                "bytes": len(data),
-                "decode_ms": decode[0],
-                "decode_min_ms": decode[1],
-                "decode_preprocess_ms": both[0],
-                "decode_preprocess_min_ms": both[1],
-                "synthetic": synthetic,
-            }
-        )
-    return rows
+    return samples
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
