@@ -9,6 +9,10 @@ figure per epoch (metrics.csv, train_img_s).
     python benchmarks/train_bench.py --device cuda --compile        # + torch.compile
     python benchmarks/train_bench.py --device cpu --steps 2 --batch-size 4
     python benchmarks/train_bench.py --arch vit-v1 --image-size 128 --device cpu --threads 1
+    python benchmarks/train_bench.py --skip-train --sweep 1,8,32,64,128,256   # inference sweep
+
+timm model names need only torch and timm (benchmarks/gpu_check.sh relies on that); zoo names
+(vit-v1, cnn, ...) import the project's training package.
 
 ViT-B/16 costs about 35 GFLOP per image forward and 105 with backward; the printed MFU-style
 figure uses those counts only for ViT-B/16 at 224 px.
@@ -28,9 +32,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from timm.optim import create_optimizer_v2
 
-from training.zoo import count_parameters, create_model
-
 VIT_B16_GFLOP_FWD = 35.1
+
+
+def build(arch: str, image_size: int) -> torch.nn.Module:
+    """timm models straight from timm (torch + timm only); zoo names through training.zoo."""
+    import timm
+
+    if timm.is_model(arch):
+        try:
+            return timm.create_model(arch, num_classes=15, img_size=image_size)
+        except TypeError:
+            return timm.create_model(arch, num_classes=15)
+    from training.zoo import create_model
+
+    return create_model(arch, num_classes=15, img_size=image_size)
 
 
 def _sync(device: torch.device) -> None:
@@ -94,6 +110,20 @@ def bench_infer(model: torch.nn.Module, args: argparse.Namespace, device: torch.
     return args.infer_batch_size * args.steps / (time.perf_counter() - start)
 
 
+def bench_sweep(
+    model: torch.nn.Module, args: argparse.Namespace, device: torch.device
+) -> list[dict[str, float]]:
+    """Inference img/s and ms per batch at each batch size of ``--sweep`` (torch side)."""
+    rows = []
+    for bs in [int(v) for v in args.sweep.split(",")]:
+        args.infer_batch_size = bs
+        img_s = bench_infer(model, args, device)
+        rows.append(
+            {"batch": bs, "img_s": round(img_s, 1), "ms_per_batch": round(1e3 * bs / img_s, 2)}
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", default="vit_base_patch16_224")
@@ -114,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-infer", action="store_true")
+    p.add_argument("--sweep", default=None, help="inference batch sizes, e.g. 1,8,32,128")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
@@ -130,13 +161,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
 
-    model = create_model(args.arch, num_classes=15, img_size=args.image_size).to(device)
+    model = build(args.arch, args.image_size).to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     result: dict[str, object] = {
         "arch": args.arch,
         "image_size": args.image_size,
-        "parameters": count_parameters(model),
+        "parameters": sum(p.numel() for p in model.parameters()),
         "device": torch.cuda.get_device_name(device) if cuda else f"cpu x{torch.get_num_threads()}",
         "amp_bf16": args.amp,
         "compile": args.compile,
@@ -149,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_infer:
         result["infer_batch_size"] = args.infer_batch_size
         result["infer_img_s"] = round(bench_infer(model, args, device), 2)
+    if args.sweep:
+        result["infer_sweep"] = bench_sweep(model, args, device)
     if args.arch == "vit_base_patch16_224" and args.image_size == 224 and "train_img_s" in result:
         result["train_tflop_s"] = round(result["train_img_s"] * 3 * VIT_B16_GFLOP_FWD / 1e3, 3)
     if cuda:

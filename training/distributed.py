@@ -1,7 +1,9 @@
 """torchrun / DistributedDataParallel plumbing: the same entry point runs with 1 or N processes.
 
 ``torchrun --nproc-per-node=N -m training.cli train ...`` sets RANK/WORLD_SIZE/LOCAL_RANK; without
-them everything degrades to a single process. NCCL on CUDA, gloo on CPU.
+them everything degrades to a single process. Under torchrun the process group and the DDP wrap
+are used even with one process (``--nproc-per-node=1`` runs the multi-GPU code path on one GPU,
+which is what benchmarks/gpu_check.sh checks). NCCL on CUDA, gloo on CPU.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     local_world: int = 1
+    launched: bool = False  # started by torchrun (TORCHELASTIC_RUN_ID set)
 
     @property
     def enabled(self) -> bool:
-        return self.world > 1
+        return self.world > 1 or self.launched
 
     @property
     def is_main(self) -> bool:
@@ -36,6 +39,7 @@ def from_env() -> DistInfo:
         world=int(os.environ.get("WORLD_SIZE", 1)),
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         local_world=int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1))),
+        launched="TORCHELASTIC_RUN_ID" in os.environ,
     )
 
 
