@@ -817,6 +817,17 @@ def _padding_min_max(u8: np.ndarray) -> tuple[bytes, np.ndarray]:
     return factory.to_bytes(ds, ImplicitVRLittleEndian), _with_border(u8 / 255.0, 0.0)
 
 
+def _padding_beyond_bits_stored(u8: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """The issue's case: anatomy in 1000-3000, BitsStored 12, padding written as 65535 (the
+    decoded pixels keep 12 bits of it, 4095; the padding value must be read the same way)."""
+    anatomy = np.rint(1000 + u8.astype(np.float64) * (2000 / 255)).astype(np.uint16)
+    ds = factory.make_dataset(anatomy, bits_stored=12, window=None, PixelPaddingValue=65535)
+    stored = _with_border(anatomy, 65535)
+    ds.Rows, ds.Columns = stored.shape
+    ds.PixelData = stored.tobytes()
+    return factory.to_bytes(ds), _with_border(u8 / 255.0, 0.0)
+
+
 def _padding_range(u8: np.ndarray) -> tuple[bytes, np.ndarray]:
     anatomy = np.rint(1000 + u8.astype(np.float64) * (2000 / 255)).astype(np.uint16)
     stored = _with_border(anatomy, 0)
@@ -901,6 +912,7 @@ DISPLAY_RULES: dict[str, Callable[[np.ndarray], tuple[bytes, np.ndarray]]] = {
     "VOI LUT with OW LUTData": _voi_lut_ow,
     "PixelPaddingValue out of min-max": _padding_min_max,
     "PixelPaddingRangeLimit": _padding_range,
+    "PixelPaddingValue 65535 with BitsStored 12": _padding_beyond_bits_stored,
     "padding darkest (MONOCHROME1, window)": _padding_monochrome1_window,
     "PresentationLUTShape INVERSE on MONOCHROME2": _inverse_monochrome2,
     "MONOCHROME1 with INVERSE, once": _inverse_monochrome1,
@@ -914,6 +926,7 @@ EXPECTED_SOURCE = {
     "VOI LUT with OW LUTData": "voi_lut",
     "PixelPaddingValue out of min-max": "min_max",
     "PixelPaddingRangeLimit": "min_max",
+    "PixelPaddingValue 65535 with BitsStored 12": "min_max",
 }
 
 

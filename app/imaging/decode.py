@@ -830,15 +830,24 @@ def _padding_mask(raw: np.ndarray, ds: Dataset, warnings: list[str]) -> np.ndarr
 
 
 def _padding_number(ds: Dataset, keyword: str) -> int | None:
-    """A US-or-SS value, also when an implicit VR file left it as raw bytes."""
+    """A US-or-SS value as the decoded pixels hold it, also when an implicit VR file left it as
+    raw bytes. pydicom keeps only the BitsStored low bits of each pixel (sign-extended when
+    signed), so a value outside that range (65535 with BitsStored 12) is reduced the same way."""
     if keyword not in ds:
         return None
+    signed = _int(ds, "PixelRepresentation") == 1
     value = ds[keyword].value
     if isinstance(value, bytes):
-        signed = _int(ds, "PixelRepresentation") == 1
-        return int(struct.unpack("<h" if signed else "<H", value[:2])[0])
-    number = _first_number(value)
-    return None if number is None else int(number)
+        number: float | None = struct.unpack("<h" if signed else "<H", value[:2])[0]
+    else:
+        number = _first_number(value)
+    if number is None:
+        return None
+    bits = _int(ds, "BitsStored") or 16
+    stored = int(number) & ((1 << bits) - 1)
+    if signed and stored >= 1 << (bits - 1):
+        stored -= 1 << bits
+    return stored
 
 
 def _voi(
