@@ -127,7 +127,7 @@ def test_gpu_service_reserves_one_nvidia_gpu_and_cpu_profile_needs_none(
     assert cpu["build"]["args"]["ORT_EXTRAS"] == ""
     assert cpu["image"] != gpu["image"], "the CPU image must not overwrite the GPU one"
     published = [p.rsplit(":", 2)[-2] for s in (gpu, cpu) for p in s["ports"]]
-    assert len(set(published)) == 2, "both services can run side by side"
+    assert len(set(published)) == 4, "both services (HTTP and DICOM) can run side by side"
 
 
 def test_compose_services_share_the_image_contract(compose: dict[str, Any]) -> None:
@@ -139,11 +139,39 @@ def test_compose_services_share_the_image_contract(compose: dict[str, Any]) -> N
         assert ("/models", "ro") in mounts, "model folders are mounted read-only at /models"
         assert ("/var/lib/cxr-triage", "rw") in mounts
         assert set(service["environment"]) <= SETTINGS_ENV, "every CXR_ variable must exist"
-        assert all(p.endswith(":8000") for p in service["ports"])
+        assert [p.rsplit(":", 1)[-1] for p in service["ports"]] == ["8000", "11112"]
+        assert service["environment"]["CXR_DICOM_PORT"] == "11112"  # HTTP and DICOM published
         test = service["healthcheck"]["test"]
         assert test[:2] == ["CMD", "python3"] and "/readyz" in test[-1]
-    for volume in ("cxr-state", "cxr-state-cpu", "prometheus-data", "grafana-data"):
+    for volume in ("cxr-state", "cxr-state-cpu", "prometheus-data", "grafana-data", "orthanc-data"):
         assert volume in compose["volumes"]
+
+
+def test_pacs_profile_wires_the_demo_orthanc_both_ways(compose: dict[str, Any]) -> None:
+    """Orthanc sends to the service's AE at the host ``cxr-triage`` (either variant answers to
+    it) and the demo env points the service's results back at Orthanc's AE and port."""
+    services = compose["services"]
+    orthanc = services["orthanc"]
+    assert orthanc["profiles"] == ["pacs"]
+    config_dir = REPO / "deploy" / "orthanc"
+    assert ("/etc/cxr-orthanc", "ro") in [mount_target(v) for v in orthanc["volumes"]]
+    config = json.loads((config_dir / "orthanc.json").read_text())
+    assert orthanc["command"] == ["/etc/cxr-orthanc/orthanc.json"]
+    for script in config["LuaScripts"]:
+        assert (config_dir / Path(script).relative_to("/etc/cxr-orthanc")).is_file()
+    (ae, host, port) = config["DicomModalities"]["cxr-triage"]
+    assert (ae, host, port) == (Settings().dicom_ae_title, "cxr-triage", 11112)
+    assert "cxr-triage" in services["cxr-triage-cpu"]["networks"]["default"]["aliases"]
+    demo = dict(
+        line.split("=", 1)
+        for line in (config_dir / "demo.env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert set(demo) <= SETTINGS_ENV
+    assert demo["CXR_DESTINATIONS"] == f"dimse://{config['DicomAet']}@orthanc:{config['DicomPort']}"
+    assert config["DicomAet"] in demo["CXR_DICOM_ALLOWED_AES"].split(",")
+    published = [p.rsplit(":", 1)[-1] for p in orthanc["ports"]]
+    assert published == [str(config["HttpPort"]), str(config["DicomPort"])]
 
 
 def test_monitoring_profile_scrapes_the_services(compose: dict[str, Any]) -> None:
