@@ -252,8 +252,8 @@ def oof_report(
     by_source = {}
     for name in ("64px", "larger"):
         rows = subsets == name
-        sub = auroc_table(targets[rows], probs[rows], labels, n_boot=0)
-        by_source[name] = {"images": int(rows.sum()), "mean_auroc": sub["mean_auroc"]}
+        sub = auroc_table(targets[rows], probs[rows], labels, n_boot=0) if rows.any() else {}
+        by_source[name] = {"images": int(rows.sum()), "mean_auroc": sub.get("mean_auroc")}
     return {"table": table, "by_source": by_source}
 
 
