@@ -88,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="bootstrap replicates per view/sex/age subgroup (default: --bootstrap)",
     )
+    p.add_argument(
+        "--bootstrap-unit",
+        default="patient",
+        choices=["patient", "image"],
+        help="what the CI bootstrap resamples (default patient; image only to compare)",
+    )
 
     p = sub.add_parser(
         "compare", help="paired patient-level bootstrap of two runs' AUROC on the same images"
@@ -289,6 +295,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         run=run,
         calibrate=args.calibrate,
         subgroup_boot=args.subgroup_bootstrap,
+        bootstrap_unit=args.bootstrap_unit,
     )
     print(format_report(result))
     print(

@@ -207,6 +207,7 @@ def evaluate_run(
     run: LoadedRun | None = None,
     calibrate: bool = True,
     subgroup_boot: int | None = None,
+    bootstrap_unit: str = "patient",
 ) -> dict[str, Any]:
     """Metrics of ``split`` (temperature and thresholds fitted on val); writes JSON + two PNGs."""
     run = run or load_run(run_dir, device=device)
@@ -233,7 +234,16 @@ def evaluate_run(
     )
     probs = sigmoid(logits, temperature)
     groups = run.patients(split)
-    table = auroc_table(targets, probs, run.labels, n_boot=n_boot, seed=seed, groups=groups)
+    if bootstrap_unit not in ("patient", "image"):
+        raise ValueError(f"bootstrap_unit must be patient or image, not {bootstrap_unit!r}")
+    table = auroc_table(
+        targets,
+        probs,
+        run.labels,
+        n_boot=n_boot,
+        seed=seed,
+        groups=groups if bootstrap_unit == "patient" else None,
+    )
     meta = metadata_for(run.files(split), run.cfg.labels or _cache_source(run.cache))
     table["subgroups"] = (
         subgroup_table(
