@@ -362,3 +362,18 @@ def test_a_study_with_a_pa_and_a_lateral(enforce: TestClient, data_dir: Path) ->
     r = _post(enforce, factory.to_bytes(lateral))
     assert r.status_code == 422
     assert r.json()["refusals"][0]["reason"] == "ViewPosition LL is not frontal"
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["", " ", "\x00", "Lateral view of FAKE^PATIENT", "ÄÖÜ", "PA\\LL", "a" * 70, "1.2.3.x"],
+)
+def test_hostile_values_never_raise_and_are_never_quoted(gray, value: str) -> None:
+    ds = factory.make_dataset(gray)
+    for keyword in ("Modality", "BodyPartExamined", "ViewPosition", "PresentationIntentType"):
+        ds.__setattr__(keyword, value)
+    ds.SOPClassUID = value.strip("\x00 ") or factory.DX_FOR_PRESENTATION
+    verdict = check_eligibility(pydicom.dcmread(io.BytesIO(factory.to_bytes(ds))))
+    for refusal in verdict.refusals:
+        assert refusal.value in refusal.reason or refusal.attribute == "SOPClassUID"
+        assert "FAKE" not in refusal.reason and "Ä" not in refusal.reason

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
@@ -110,7 +111,7 @@ def _text(ds: Dataset, keyword: str) -> str:
         return ""
     if value is None:
         return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+    if isinstance(value, (list, tuple, MultiValue)):
         value = "\\".join(str(v) for v in value)
     return str(value).strip().strip("\x00").strip().upper()
 
