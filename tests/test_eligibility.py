@@ -52,6 +52,10 @@ INELIGIBLE: dict[str, tuple[dict[str, Any], tuple[str, str]]] = {
     "LATERAL": ({"view_position": "LATERAL"}, ("ViewPosition", "LATERAL")),
     "left lateral decubitus": ({"view_position": "LLD"}, ("ViewPosition", "LLD")),
     "oblique": ({"view_position": "RAO"}, ("ViewPosition", "RAO")),
+    "AP and lateral in one value": (
+        {"view_position": "AP LATERAL"},
+        ("ViewPosition", "AP LATERAL"),
+    ),
     "DX FOR PROCESSING (SOP class)": (
         {"sop_class": DX_FOR_PROCESSING, "presentation_intent": "FOR PROCESSING"},
         ("SOPClassUID", DX_FOR_PROCESSING),
@@ -88,6 +92,7 @@ NON_IMAGES = {
 ELIGIBLE: dict[str, dict[str, Any]] = {
     "DX PA": {},
     "DX AP": {"view_position": "AP"},
+    "AP SUPINE (non-standard, still frontal)": {"view_position": "AP SUPINE"},
     "CR PA": {"modality": "CR"},
     "CR MONOCHROME1": {"modality": "CR", "photometric": "MONOCHROME1"},
     "Secondary Capture of a CR": {"modality": "CR", "sop_class": factory.SECONDARY_CAPTURE},

@@ -46,11 +46,14 @@ _SECONDARY_CAPTURE_CLASSES = frozenset(
 ACCEPTED_MODALITIES = frozenset({"CR", "DX", "RG"})
 #: Frontal projections (PS3.3 C.8.11.5 / CR series ViewPosition defined terms).
 FRONTAL_VIEWS = frozenset({"PA", "AP"})
+#: Words a non-standard ViewPosition may add to PA/AP without leaving the frontal view
+#: (``AP SUPINE``, ``PA_ERECT``).
+_POSITION_WORDS = frozenset({"FRONTAL", "PORTABLE", "PORT", "ERECT", "UPRIGHT", "SUPINE"})
 #: Words that name the chest in BodyPartExamined (PS3.16 Annex L uses CHEST; THORAX, LUNG and
 #: localised spellings are what modalities actually write).
 CHEST_WORDS = frozenset({"CHEST", "THORAX", "LUNG", "LUNGS", "TORAX", "TORACE", "PECHO", "CXR"})
 #: Words that may accompany a chest word without naming another region (``CHEST PA``).
-_FRONTAL_WORDS = frozenset({"PA", "AP", "FRONTAL", "PORTABLE", "ERECT", "UPRIGHT", "SUPINE"})
+_FRONTAL_WORDS = FRONTAL_VIEWS | _POSITION_WORDS
 #: SNOMED CT / SRT codes of the chest, thorax and lung (CID 4031 Common Anatomic Regions).
 CHEST_CODES = frozenset({"43799004", "51185008", "39607008", "T-D3000", "T-28000"})
 #: ImageType values that mark an image that is not a diagnostic projection radiograph.
@@ -186,8 +189,7 @@ def _check_presentation_intent(ds: Dataset, refusals: list[Refusal]) -> None:
 def _check_body_part(ds: Dataset, refusals: list[Refusal], warnings: list[str]) -> None:
     body_part = _text(ds, "BodyPartExamined")
     if body_part:
-        words = re.split(r"[\s_\-/,.]+", body_part)
-        words = [w for w in words if w]
+        words = _words(body_part)
         if any(w in CHEST_WORDS for w in words) and all(
             w in CHEST_WORDS or w in _FRONTAL_WORDS for w in words
         ):
@@ -213,7 +215,11 @@ def _check_body_part(ds: Dataset, refusals: list[Refusal], warnings: list[str]) 
 def _check_view(ds: Dataset, refusals: list[Refusal], warnings: list[str]) -> None:
     view = _text(ds, "ViewPosition")
     if view:
-        if view not in FRONTAL_VIEWS:
+        words = _words(view)
+        frontal = any(w in FRONTAL_VIEWS for w in words) and all(
+            w in FRONTAL_VIEWS or w in _POSITION_WORDS for w in words
+        )
+        if not frontal:
             value = echo(view)
             refusals.append(Refusal("ViewPosition", value, f"ViewPosition {value} is not frontal"))
         return
@@ -243,6 +249,10 @@ def _check_image_type(ds: Dataset, refusals: list[Refusal]) -> None:
                 f"ImageType {refused} is a localizer, not a diagnostic radiograph",
             )
         )
+
+
+def _words(value: str) -> list[str]:
+    return [w for w in re.split(r"[\s_\-/,.]+", value) if w]
 
 
 def _first_code(ds: Dataset, keyword: str) -> tuple[str, str] | None:
