@@ -489,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
         "CXR_AUDIT_DB": "",
         "CXR_API_KEYS": "",
         "CXR_LOG_LEVEL": "WARNING",
+        "CXR_PACS_ENABLED": "false",  # /predict only: no DICOM listener, no study store
     }
     env.update(dict(kv.split("=", 1) for kv in args.server_env))
     queue_limit = int(env.get("CXR_MAX_QUEUE_SIZE", Settings().max_queue_size))

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from fastapi import Depends, Query, Request
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartParser
 
 from app.api.errors import request_id_of
 from app.api.problems import Problem
@@ -41,6 +42,11 @@ RAW_MEDIA_TYPES = frozenset({"image/png", "image/jpeg", "application/dicom"})
 # Generic types say nothing about the format: let the decoder sniff the bytes.
 _SNIFF_MEDIA_TYPES = frozenset({"", "application/octet-stream", "binary/octet-stream"})
 PREDICT_PATH = "/predict"
+# Starlette spools a multipart file part to a temporary file on disk past 1 MB, so every
+# uncompressed DICOM (8 MB at 2k x 2k, 16 bit) was written out and read back before decoding.
+# The upload limit (CXR_MAX_UPLOAD_MB, enforced before the form is parsed) already bounds what a
+# part can hold, as it does for raw bodies, which are read into memory anyway.
+MultiPartParser.spool_max_size = 1 << 30
 
 _BINARY = {"type": "string", "format": "binary"}
 PREDICT_OPENAPI: dict[str, Any] = {
