@@ -26,6 +26,7 @@ import os
 import sqlite3
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -315,29 +316,37 @@ class StudyDB:
         )
         return [ResultObject(r["kind"], r["sop_instance_uid"], Path(r["path"])) for r in rows]
 
-    def defer(self, study_uid: str, generation: int, delay_s: float, *, failed: bool) -> int:
-        """Try the study again in ``delay_s`` (unless a newer instance already rescheduled it);
-        after :data:`MAX_ATTEMPTS` failures in a row, give up (state ``failed``)."""
+    def defer(self, study_uid: str, generation: int, delay_s: float) -> None:
+        """The model could not take the study now: try again in ``delay_s`` (unless a newer
+        instance already rescheduled it). Not a failure: the study keeps its state."""
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE studies SET due = ?, updated = ? "
+                "WHERE study_instance_uid = ? AND generation = ?",
+                (time.time() + delay_s, utc_now(), study_uid, generation),
+            )
+
+    def record_failure(self, study_uid: str, generation: int, scored: Scored | None = None) -> int:
+        """Scoring or writing the result failed: state ``failed``, instance statuses kept when
+        known, retried with back-off until :data:`MAX_ATTEMPTS` failures in a row."""
         with self._tx() as conn:
             row = conn.execute(
                 "SELECT generation, attempts FROM studies WHERE study_instance_uid = ?",
                 (study_uid,),
             ).fetchone()
             if row is None or row["generation"] != generation:
-                return 0
-            attempts = row["attempts"] + (1 if failed else 0)
-            if failed and attempts >= MAX_ATTEMPTS:
-                conn.execute(
-                    "UPDATE studies SET state = 'failed', due = NULL, attempts = ?, updated = ? "
-                    "WHERE study_instance_uid = ?",
-                    (attempts, utc_now(), study_uid),
-                )
-            else:
-                conn.execute(
-                    "UPDATE studies SET due = ?, attempts = ?, updated = ? "
-                    "WHERE study_instance_uid = ?",
-                    (time.time() + delay_s, attempts, utc_now(), study_uid),
-                )
+                return 0  # a newer instance re-opened the study: its own run comes next
+            if scored is not None:
+                _update_instances(conn, study_uid, scored)
+            attempts = row["attempts"] + 1
+            due = (
+                None if attempts >= MAX_ATTEMPTS else time.time() + min(_RETRY_CAP_S, 2.0**attempts)
+            )
+            conn.execute(
+                "UPDATE studies SET state = 'failed', due = ?, attempts = ?, updated = ? "
+                "WHERE study_instance_uid = ?",
+                (due, attempts, utc_now(), study_uid),
+            )
             return attempts
 
     def commit(
@@ -352,21 +361,7 @@ class StudyDB:
         """Record a scoring run: instance statuses, and (``revision`` set) the new result."""
         now = utc_now()
         with self._tx() as conn:
-            for inst in scored.instances:
-                conn.execute(
-                    "UPDATE instances SET status = ?, reason = ?, model_version = ? "
-                    "WHERE study_instance_uid = ? AND sop_instance_uid = ? AND pixel_hash = ? "
-                    "AND path = ?",
-                    (
-                        inst.status.value,
-                        inst.reason,
-                        scored.model_version,
-                        study_uid,
-                        inst.sop_instance_uid,
-                        inst.pixel_hash,
-                        str(inst.path),
-                    ),
-                )
+            _update_instances(conn, study_uid, scored)
             if revision is not None:
                 conn.executemany(
                     "INSERT INTO results (sop_instance_uid, study_instance_uid, revision, kind, "
@@ -434,6 +429,34 @@ class StudyDB:
         }
 
 
+def _update_instances(conn: sqlite3.Connection, study_uid: str, scored: Scored) -> None:
+    """Each instance's status, where its row still holds the file that was scored."""
+    conn.executemany(
+        "UPDATE instances SET status = ?, reason = ?, model_version = ? "
+        "WHERE study_instance_uid = ? AND sop_instance_uid = ? AND pixel_hash = ? AND path = ?",
+        [
+            (
+                inst.status.value,
+                inst.reason,
+                scored.model_version,
+                study_uid,
+                inst.sop_instance_uid,
+                inst.pixel_hash,
+                str(inst.path),
+            )
+            for inst in scored.instances
+        ],
+    )
+
+
+def _where(exc: BaseException) -> str:
+    """Exception type and innermost frame: enough to find a bug, and never the message, which
+    may quote a header value (a malformed birth date is a patient field)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    place = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    return f"{type(exc).__name__}{place}"
+
+
 def _outcome(row: sqlite3.Row) -> InstanceOutcome:
     return InstanceOutcome(
         sop_instance_uid=row["sop_instance_uid"],
@@ -482,6 +505,7 @@ class StudyAssembler:
         self._inflight: set[str] = set()
         self._jobs: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(concurrency)
+        self._deferrals: dict[str, int] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -563,10 +587,10 @@ class StudyAssembler:
         except sqlite3.Error as exc:
             logger.error("study state not written: %s", exc)
             receipt = Receipt("refused", 0xA700, "the study state could not be written", **ids)
-        except Exception:
+        except Exception as exc:
             # A bug must cost this one instance a failure status (the sender retries), never the
             # association or the service.
-            logger.exception("receiving an instance failed")
+            logger.error("receiving an instance failed: %s", _where(exc))
             receipt = Receipt("refused", PROCESSING_FAILURE, "processing failure", **ids)
         self._note(source, request_id, receipt, started, parsed)
         if receipt.outcome == "stored":
@@ -670,20 +694,26 @@ class StudyAssembler:
                 await self._score(study_uid)
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                logger.exception("scoring a study failed; it will be retried")
-                snap = await asyncio.to_thread(self.db.snapshot, study_uid)
-                if snap is not None:
-                    row = snap[0]
-                    attempts = await asyncio.to_thread(
-                        self.db.defer,
-                        study_uid,
-                        row["generation"],
-                        min(_RETRY_CAP_S, 2.0 ** (row["attempts"] + 1)),
-                        failed=True,
-                    )
-                    if attempts >= MAX_ATTEMPTS:
-                        logger.error("gave up on a study after %d attempts", attempts)
+            except Exception as exc:
+                await self._failed(study_uid, exc)
+
+    async def _failed(
+        self,
+        study_uid: str,
+        exc: BaseException,
+        scored: Scored | None = None,
+        generation: int | None = None,
+    ) -> None:
+        if generation is None:
+            snap = await asyncio.to_thread(self.db.snapshot, study_uid)
+            if snap is None:
+                return
+            generation = snap[0]["generation"]
+        attempts = await asyncio.to_thread(self.db.record_failure, study_uid, generation, scored)
+        if attempts >= MAX_ATTEMPTS:
+            logger.error("gave up on a study after %d attempts: %s", attempts, _where(exc))
+        else:
+            logger.error("scoring a study failed (attempt %d, retried): %s", attempts, _where(exc))
 
     async def _score(self, study_uid: str) -> None:
         started = time.perf_counter()
@@ -695,10 +725,12 @@ class StudyAssembler:
         try:
             scored = await self.scorer.score(instances)
         except ScoringDeferred as exc:
-            delay = min(_RETRY_CAP_S, 2.0 ** min(row["attempts"], 6))
-            logger.info("study scoring deferred %.0fs: %s", delay, exc)
-            await asyncio.to_thread(self.db.defer, study_uid, generation, delay, failed=False)
+            self._deferrals[study_uid] = deferrals = self._deferrals.get(study_uid, 0) + 1
+            delay = min(_RETRY_CAP_S, 0.5 * 2.0 ** min(deferrals, 7))
+            logger.info("study scoring deferred %.1fs: %s", delay, exc)
+            await asyncio.to_thread(self.db.defer, study_uid, generation, delay)
             return
+        self._deferrals.pop(study_uid, None)
         inputs = sorted(
             [i.sop_instance_uid, i.pixel_hash]
             for i in scored.instances
@@ -735,7 +767,11 @@ class StudyAssembler:
             supersedes=await asyncio.to_thread(self.db.result_uids, study_uid),
             revision=revision,
         )
-        objects = await self.sink.write(result) if self.sink is not None else []
+        try:
+            objects = await self.sink.write(result) if self.sink is not None else []
+        except Exception as exc:
+            await self._failed(study_uid, exc, scored, generation)
+            return
         await asyncio.to_thread(
             self.db.commit, study_uid, generation, scored, inputs, revision, objects
         )
