@@ -264,3 +264,43 @@ def test_ddp_two_ranks_get_their_own_seed_and_rng_state(cache: Path, tmp_path: P
     assert len(rng) == 2
     # vit-v2 draws dropout/drop-path masks from these streams: they must not be one stream
     assert not torch.equal(rng[0]["cpu"], rng[1]["cpu"])
+
+
+def test_resume_from_an_older_last_pt_drops_later_log_rows(cache: Path, tmp_path: Path) -> None:
+    """With last.pt every N epochs a crash can leave logs ahead of it; resume trims them."""
+    import shutil
+
+    out = tmp_path / "resume"
+    args = ["train", "--cache", str(cache), "--out", str(out), *TINY, "--epochs", "3"]
+    assert main([*args, "--stop-after-epoch", "1"]) == 0
+    shutil.copy(out / "last.pt", tmp_path / "epoch1.pt")
+    finish = ["--stop-after-epoch", "3"]  # the saved config would pause after every epoch
+    assert main(["train", "--resume", "--out", str(out), "--no-progress", *finish]) == 0
+    assert pd.read_csv(out / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
+    shutil.copy(tmp_path / "epoch1.pt", out / "last.pt")  # as if epochs 2-3 had not been saved
+    assert main(["train", "--resume", "--out", str(out), "--no-progress", *finish]) == 0
+    assert pd.read_csv(out / "metrics.csv")["epoch"].tolist() == [1, 2, 3]
+    steps = pd.read_csv(out / "train_steps.csv")
+    assert steps["step"].tolist() == list(range(1, 10))  # 3 epochs x 3 steps, none twice
+
+
+def test_a_multi_process_run_refuses_to_build_the_cache(cache: Path, tmp_path: Path) -> None:
+    """The decision is rank 0's, broadcast; building under torchrun would outlast the timeout."""
+    import torch.distributed as dist
+
+    from training import distributed as D
+    from training.config import TrainConfig
+    from training.trainer import prepare_cache
+
+    labels = cache.parent / "labels.csv"
+    cfg = TrainConfig(labels=str(labels), image_size=64, out=str(tmp_path))
+    info = D.DistInfo(launched=True)  # what torchrun --nproc-per-node 1 gives
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="build it before torchrun"):
+            prepare_cache(cfg, tmp_path, "bicubic", info)
+        assert not (tmp_path / "cache").exists()
+        cfg.cache = str(cache)  # an existing cache opens fine under the same process group
+        assert prepare_cache(cfg, tmp_path, "bicubic", info).size == 64
+    finally:
+        dist.destroy_process_group()
