@@ -442,8 +442,9 @@ def _quantize(args: argparse.Namespace, model_dir: Path) -> None:
     else:
         data = Path(os.environ.get("CXR_DATA_DIR", "../shared/data")) / "nih/images/nih-1024"
         files = sorted(data.glob("*.png"))[:64]
-        if files:
+        if files:  # no labels known for a bare folder: parity and flipped decisions only
             calibration = images_from_files(files, ModelCard.load(model_dir / "model_card.json"))
+            validation = calibration
     out = Path(args.quantize_out or f"{str(model_dir).rstrip('/')}-int8")
     card = quantize_folder(
         model_dir,

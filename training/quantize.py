@@ -45,7 +45,7 @@ Method = Literal["auto", "dynamic", "static"]
 @dataclass(frozen=True)
 class Images:
     """Normalised model inputs ``[N, 3, H, W]`` float32 and, for validation, 0/1 targets
-    ``[N, L]`` in the card's label order."""
+    ``[N, L]`` in the card's label order (without targets: parity and decisions only)."""
 
     pixels: np.ndarray
     targets: np.ndarray | None = None
@@ -233,33 +233,39 @@ def quantize_folder(
         f"int8 ({chosen}) quantisation of {info.source}: {info.speedup_batch1:.2f}x faster at "
         f"batch 1 and {info.speedup_batch8:.2f}x at batch 8 on {threads} CPU threads here."
     )
-    if validation is not None and validation.targets is not None:
+    if validation is not None:
         temperature = card.calibration.temperature
         p32 = _probabilities(fp32, validation.pixels, threads, temperature)
         p8 = _probabilities(int8, validation.pixels, threads, temperature)
-        a32 = _aurocs(validation.targets, p32, card.labels)
-        a8 = _aurocs(validation.targets, p8, card.labels)
         changed = {}
         for kind in ("screening", "diagnosis"):
             table = getattr(card.thresholds, kind)
             thr = np.array([table[label].threshold for label in card.labels])
             changed[kind] = int(((p32 >= thr) != (p8 >= thr)).sum())
+        export.parity_images = len(p32)
+        export.max_abs_dprob = float(np.abs(p32 - p8).max())
+        export.decisions_total = 2 * p32.size
+        export.decisions_changed = changed
+        flips = (
+            f"threshold decisions changed: screening {changed['screening']}, diagnosis "
+            f"{changed['diagnosis']} of {p32.size} each (thresholds are the fp32 model's); "
+            f"max |dprob| {export.max_abs_dprob:.3g}."
+        )
+    if validation is not None and validation.targets is not None:
+        a32 = _aurocs(validation.targets, p32, card.labels)
+        a8 = _aurocs(validation.targets, p8, card.labels)
         info.validation_images = len(p32)
         info.mean_auroc_fp32 = round(float(np.mean(list(a32.values()))), 4) if a32 else None
         info.mean_auroc_int8 = round(float(np.mean(list(a8.values()))), 4) if a8 else None
         if a32:
             info.mean_auroc_delta = round(info.mean_auroc_int8 - info.mean_auroc_fp32, 4)
             info.auroc_delta = {k: round(a8[k] - a32[k], 4) for k in a32}
-        export.parity_images = len(p32)
-        export.max_abs_dprob = float(np.abs(p32 - p8).max())
-        export.decisions_total = 2 * p32.size
-        export.decisions_changed = changed
         summary += (
             f" On {len(p32)} validation images: mean AUROC {info.mean_auroc_fp32} (fp32) vs "
-            f"{info.mean_auroc_int8} (int8); threshold decisions changed: screening "
-            f"{changed['screening']}, diagnosis {changed['diagnosis']} of {p32.size} each "
-            "(thresholds are the fp32 model's)."
+            f"{info.mean_auroc_int8} (int8); {flips}"
         )
+    elif validation is not None:
+        summary += f" AUROC not measured (images without labels); on {len(p32)} real images {flips}"
     else:
         summary += " AUROC and threshold decisions were not measured (no validation images)."
     new = card.model_copy(
