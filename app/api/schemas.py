@@ -244,7 +244,7 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         503: "Queue full, model not loaded, or shutting down; see Retry-After",
         504: "The request's deadline passed",
     }
-    schema = ProblemDetails.model_json_schema()
+    schema = _inline_defs(ProblemDetails.model_json_schema())
     return {
         status: {
             "description": reasons.get(status, "Problem"),
@@ -252,3 +252,22 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         }
         for status in statuses
     }
+
+
+def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with its ``$defs`` written in place: a ``#/$defs/...`` reference means nothing
+    inside an OpenAPI document (ReDoc refuses to render the page, Swagger UI shows resolver
+    errors). Pydantic's nested models here are not recursive, so inlining terminates."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(value) for value in node]
+        return node
+
+    return resolve(schema)  # type: ignore[no-any-return]
