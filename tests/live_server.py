@@ -7,10 +7,12 @@ through ``CXR_*`` environment variables; its log goes to a file so a full pipe c
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +67,17 @@ class LiveServer:
 
 
 def start_server(
-    model_dir: Path, tmp_dir: Path, *, env: dict[str, str] | None = None, ready_s: float = 60.0
+    model_dir: Path, tmp_dir: Path, *, env: dict[str, str] | None = None, ready_s: float = 180.0
 ) -> LiveServer:
-    """Start the service and wait until ``/readyz`` answers 200."""
-    port = free_port()
-    log_path = tmp_dir / f"server-{port}.log"
+    """Start the service and wait until ``/readyz`` answers 200.
+
+    The server binds port 0 and the OS picks a free port, read back from uvicorn's "running on"
+    line: no window between choosing a port and binding it in which another process (a parallel
+    test run) could take it. ``ready_s`` only bounds a hang; a loaded machine takes seconds.
+    """
+    handle, name = tempfile.mkstemp(prefix="server-", suffix=".log", dir=tmp_dir)
+    os.close(handle)
+    log_path = Path(name)
     # Only the settings a test names reach the server: none leak in from the developer's shell.
     child_env = {key: value for key, value in os.environ.items() if not key.startswith("CXR_")}
     child_env.update(
@@ -83,23 +91,31 @@ def start_server(
     )
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", "0",
              "--model-dir", str(model_dir)],
             cwd=REPO_ROOT,
             env=child_env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
-    server = LiveServer(process, f"http://127.0.0.1:{port}", log_path)
+    server = LiveServer(process, "", log_path)
     deadline = time.monotonic() + ready_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()[-3000:]}")
-        try:
-            if httpx.get(f"{server.url}/readyz", timeout=1.0).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
+        if not server.url:
+            bound = _RUNNING_ON.search(server.log())
+            if bound:
+                server.url = f"http://127.0.0.1:{bound.group(1)}"
+        if server.url:
+            try:
+                if httpx.get(f"{server.url}/readyz", timeout=10.0).status_code == 200:
+                    return server
+            except httpx.TransportError:
+                pass
+        time.sleep(0.1)  # poll interval while the server starts
     server.stop()
     raise RuntimeError(f"server not ready within {ready_s} s:\n{server.log()[-3000:]}")
+
+
+_RUNNING_ON = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
