@@ -3,9 +3,9 @@
 Training evaluates on its uint8 cache; a user's image goes through ``POST /predict`` (the app's
 decoder and resizer, ONNX Runtime, the card's labels). This script posts every image of a labelled
 set to a real ``cxr-triage serve`` process (started here on a free port, or ``--url``) and scores
-the returned probabilities with the training package's metrics (per-label AUROC with bootstrap
-95% CIs, macro mean over the 14 pathologies), then says whether the mean falls inside the model
-card's validation CI.
+the returned probabilities with the training package's metrics (per-label AUROC with
+patient-level bootstrap 95% CIs, macro mean over the 14 pathologies), then says whether the mean
+falls inside the model card's validation CI.
 
     # the held-out test patients of the run that produced models/default
     .venv/bin/python benchmarks/eval_http.py --model-dir models/default \\
@@ -121,7 +121,13 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
         tmp.cleanup()
 
-    table_out = auroc_table(targets, probs, list(NIH_LABELS), n_boot=args.bootstrap)
+    table_out = auroc_table(
+        targets,
+        probs,
+        list(NIH_LABELS),
+        n_boot=args.bootstrap,
+        groups=rows["patient_id"].astype(str).to_numpy(),  # patient-level CI, like evaluate
+    )
     print(f"scored {len(files)} images over HTTP in {elapsed:.1f} s")
     print(f"{'label':<19}{'pos':>5} {'AUROC':>6}  95% CI")
     for name, e in table_out["per_label"].items():
