@@ -222,7 +222,9 @@ def test_a_misfiled_free_text_value_is_never_quoted(gray) -> None:
 def test_real_shared_dicoms(dicom_dir: Path) -> None:
     """The real chest files are all eligible with nothing missing; the real hip and tibia
     radiographs are refused on BodyPartExamined."""
-    for path in chest_dicoms(dicom_dir):
+    chest = chest_dicoms(dicom_dir)
+    assert len(chest) == 7
+    for path in chest:
         verdict = check_eligibility(pydicom.dcmread(path, stop_before_pixels=True))
         assert verdict == Eligibility((), ()), path.name
     nonchest = sorted((dicom_dir / "nonchest").glob("*.dcm"))
