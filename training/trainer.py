@@ -186,14 +186,16 @@ class CheckpointWriter:
 
     The state is copied to CPU memory synchronously (a consistent snapshot: training goes on
     changing the live tensors), then serialised off the training thread; a ViT-B/16 last.pt with
-    AdamW state is ~1 GB, seconds of disk time that would otherwise stall every GPU. One write is
-    in flight at most; ``wait`` re-raises a failed write.
+    AdamW state is ~1 GB, seconds of disk time that would otherwise stall every GPU. Writes run
+    in order, at most ``max_pending`` queued (an epoch's best.pt and last.pt), so snapshots cannot
+    pile up when the disk is slower than an epoch; ``wait`` re-raises a failed write.
     """
 
-    def __init__(self, run_dir: Path, *, background: bool) -> None:
+    def __init__(self, run_dir: Path, *, background: bool, max_pending: int = 2) -> None:
         self.run_dir = run_dir
         self.pool = ThreadPoolExecutor(max_workers=1) if background else None
-        self.pending: Future | None = None
+        self.pending: list[Future] = []
+        self.max_pending = max_pending
 
     def _write(self, obj: dict[str, Any], name: str) -> None:
         tmp = self.run_dir / f".{name}.tmp"
@@ -201,17 +203,17 @@ class CheckpointWriter:
         os.replace(tmp, self.run_dir / name)
 
     def save(self, obj: dict[str, Any], name: str) -> None:
-        self.wait()
+        while len(self.pending) >= self.max_pending:
+            self.pending.pop(0).result()
         snapshot = _cpu_copy(obj)
         if self.pool is None:
             self._write(snapshot, name)
         else:
-            self.pending = self.pool.submit(self._write, snapshot, name)
+            self.pending.append(self.pool.submit(self._write, snapshot, name))
 
     def wait(self) -> None:
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            pending.result()
+        while self.pending:
+            self.pending.pop(0).result()
 
     def close(self) -> None:
         self.wait()
