@@ -234,14 +234,11 @@ def test_an_object_the_destination_refuses_is_failed_not_retried(
     registry = CollectorRegistry()
     audit = AuditLog(tmp_path / "audit.sqlite")
     audit.start()
+    db = tmp_path / "outbox.sqlite"
 
     async def scenario() -> None:
         outbox = Outbox(
-            tmp_path / "outbox.sqlite",
-            [destination],
-            audit=audit,
-            registry=registry,
-            base_delay_s=0.05,
+            db, [destination], audit=audit, registry=registry, base_delay_s=0.05, poll_s=0.1
         )
         await outbox.start()
         try:
@@ -254,9 +251,15 @@ def test_an_object_the_destination_refuses_is_failed_not_retried(
             assert by_kind["sr"]["delivery"] == "delivered"
             assert by_kind["sc"]["delivery"] == "failed" and by_kind["sc"]["attempts"] == 1
             assert metric(registry, "cxr_outbox_failed", destination.label) == 1
-            # Once the PACS accepts it, an operator re-queues it and it goes.
+            # Once the PACS accepts it, an operator re-queues it from a shell and it goes.
             refused.clear()
-            assert outbox.retry_failed(study_a) == 1
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [sys.executable, "-m", "app.pacs.outbox", "--db", str(db), "retry-failed",
+                 "--study", study_a],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert done.returncode == 0 and "re-queued 1 object" in done.stdout, done.stderr
             await until(lambda: all_delivered(outbox, [study_a]), what="re-queued object")
             assert metric(registry, "cxr_outbox_failed", destination.label) == 0
         finally:

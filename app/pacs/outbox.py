@@ -8,7 +8,7 @@ in one batch (one association for DIMSE), and records each outcome:
 - stored → ``delivered`` (and one audit row, UIDs only);
 - refused by the destination (a DIMSE failure status, STOW-RS 409 or a FailedSOPSequence) →
   ``failed`` at once: sending the same bytes again cannot help; :meth:`Outbox.retry_failed`
-  puts them back once the PACS side is fixed;
+  (``python -m app.pacs.outbox retry-failed``) puts them back once the PACS side is fixed;
 - anything else (connection refused, timeout, association aborted, out of resources, HTTP 5xx)
   → still ``pending``, next try after ``base_delay_s * 2**(attempts-1)``, at most
   ``max_delay_s`` (60 s) later, for as long as it takes.
@@ -110,6 +110,7 @@ class Outbox:
         max_delay_s: float = 60.0,
         batch_size: int = 16,
         timeout_s: float = 30.0,
+        poll_s: float = 30.0,
         sender_factory: SenderFactory | None = None,
     ) -> None:
         self.db_path = Path(db_path)
@@ -119,6 +120,7 @@ class Outbox:
         self.base_delay_s = base_delay_s
         self.max_delay_s = max_delay_s
         self.batch_size = batch_size
+        self.poll_s = poll_s
         self._sender_factory: SenderFactory = sender_factory or (
             lambda d: sender_for(d, calling_ae_title=calling_ae_title, timeout_s=timeout_s)
         )
@@ -281,7 +283,11 @@ class Outbox:
                 except Exception:
                     logger.exception("outbox task error", extra={"destination": destination.label})
                     next_due = time.time() + self.base_delay_s
-                timeout = None if next_due is None else max(0.0, next_due - time.time())
+                # Idle, look again after poll_s at most: rows re-queued by another process
+                # (``python -m app.pacs.outbox retry-failed``) wake no event here.
+                timeout = self.poll_s
+                if next_due is not None:
+                    timeout = min(timeout, max(0.0, next_due - time.time()))
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(wake.wait(), timeout)
         finally:
@@ -505,3 +511,47 @@ class _OutboxCollector(Collector):
             failures.add_metric([destination], pending[1] + refused[1] + done[1] - done[0])
             oldest.add_metric([destination], _age_s(pending[2], now) if pending[0] else 0.0)
         return [depth, failed, delivered, failures, oldest]
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m app.pacs.outbox status | retry-failed``: look at or re-queue the outbox of a
+    running (or stopped) service; the service picks re-queued rows up within ``poll_s``."""
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m app.pacs.outbox", description=main.__doc__)
+    parser.add_argument("--db", type=Path, help="outbox database (default: CXR_OUTBOX_DB)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("status", help="objects per destination and state, as JSON")
+    retry = sub.add_parser("retry-failed", help="put refused objects back in the queue")
+    retry.add_argument("--study", metavar="UID", help="only this StudyInstanceUID")
+    args = parser.parse_args(argv)
+    db = args.db
+    if db is None:
+        from app.settings import Settings
+
+        db = Settings().outbox_db
+    if not Path(db).is_file():
+        print(f"no outbox database at {db}", file=sys.stderr)
+        return 1
+    outbox = Outbox(db, [])
+    try:
+        if args.command == "status":
+            rows = [
+                {"destination": d, "state": s, "objects": n, "attempts": a, "oldest": o}
+                for d, s, n, a, o in outbox.counts()
+            ]
+            print(json.dumps(rows, indent=2))
+        else:
+            print(f"re-queued {outbox.retry_failed(args.study)} object(s)")
+    finally:
+        asyncio.run(outbox.stop())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
