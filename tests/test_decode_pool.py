@@ -131,3 +131,19 @@ def test_service_with_decode_processes_answers_like_threads(nih_dir: Path) -> No
             )
             assert heat.status_code == 200 and heat.json()["heatmap"]["png_base64"]
     assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("name", ["pydicomdata__RG1_J2KR.dcm", "pydicomdata__RG3_J2KI.dcm"])
+def test_reduced_jpeg2000_dicom_skips_a_wavelet_level_and_stays_close(
+    dicom_dir: Path, name: str
+) -> None:
+    data = next(dicom_dir.glob(f"*/{name}")).read_bytes()
+    full = decode_image(data)
+    reduced = decode_image(data, reduce_to=(224, 224))
+    # One level fewer: each side halved (rounded up), still >= 3 x 224.
+    assert reduced.pixels.shape == tuple(-(-n // 2) for n in full.pixels.shape)
+    assert min(reduced.pixels.shape) >= REDUCE_GAP * 224
+    assert (reduced.image.rows, reduced.image.columns) == full.pixels.shape
+    assert reduced.warnings == full.warnings
+    a, b = to_model_input(full.pixels, SPEC), to_model_input(reduced.pixels, SPEC)
+    assert float(np.abs(a - b).mean()) < 4 / 255  # under one grey level of 255 on average
