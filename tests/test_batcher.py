@@ -22,6 +22,12 @@ from app.inference.batcher import (
 from app.inference.runtime import ModelRuntime
 from app.ops.metrics import Metrics
 
+# Only a hang reaches this: each wait below ends on an event or a condition long before.
+HANG_S = 120.0
+# A batch delay no machine reaches by being slow: a test that sees a batch run "early" proves
+# the batcher did not wait for the delay, without a bound on how long anything took.
+FOREVER_MS = 600_000.0
+
 
 @pytest.fixture(scope="module")
 def runtime(tiny_model_dir: Path) -> ModelRuntime:
@@ -42,10 +48,12 @@ class Recorder:
         self.runtime = runtime
         self.gate = gate
         self.sizes: list[int] = []
+        self.started = threading.Event()  # a session run has begun (and may be held)
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.started.set()
         if self.gate is not None:
-            self.gate.wait(10)
+            self.gate.wait(HANG_S)
         self.sizes.append(len(batch))
         if np.isnan(batch).any():
             raise ValueError("NaN input")
@@ -61,6 +69,14 @@ def run_with(batcher: MicroBatcher, body: Callable[[MicroBatcher], Awaitable[obj
             await batcher.stop(timeout_s=5)
 
     return asyncio.run(main())
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    """Let the loop run until ``condition`` holds (fail naming ``what`` if it never does)."""
+    deadline = time.monotonic() + HANG_S
+    while not condition():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        await asyncio.sleep(0.001)
 
 
 def test_concurrent_submissions_share_runs_and_keep_their_answers(runtime) -> None:
@@ -90,28 +106,30 @@ def test_concurrent_submissions_share_runs_and_keep_their_answers(runtime) -> No
 
 
 def test_a_lone_request_does_not_wait_for_the_batch_delay(runtime) -> None:
-    batcher = MicroBatcher(Recorder(runtime), max_batch_delay_ms=2000)
+    """With a ten-minute delay and nothing else on its way, a lone image still runs at once."""
+    rec = Recorder(runtime)
+    batcher = MicroBatcher(rec, max_batch_delay_ms=FOREVER_MS)
 
-    async def body(b: MicroBatcher) -> float:
-        start = time.perf_counter()
-        await b.submit(images(1)[0])
-        return time.perf_counter() - start
+    async def body(b: MicroBatcher) -> BatchResult:
+        return await asyncio.wait_for(b.submit(images(1)[0]), HANG_S)
 
-    assert run_with(batcher, body) < 1.0
+    result = run_with(batcher, body)
+    assert isinstance(result, BatchResult) and result.batch_size == 1
+    assert rec.sizes == [1]
 
 
 def test_waits_for_requests_still_decoding(runtime) -> None:
     """An admitted request that is still decoding is worth waiting for, up to the delay."""
     rec = Recorder(runtime)
-    batcher = MicroBatcher(rec, max_batch_size=8, max_batch_delay_ms=2000)
+    batcher = MicroBatcher(rec, max_batch_size=8, max_batch_delay_ms=FOREVER_MS)
     a, b = images(2)
 
     async def body(bt: MicroBatcher) -> tuple[BatchResult, BatchResult]:
         with bt.admit() as first, bt.admit() as second:
             t1 = asyncio.create_task(first.submit(a))
-            await asyncio.sleep(0.05)  # the second one is "decoding"
+            await asyncio.sleep(0.05)  # the second one is "decoding" (50 ms of the scenario)
             t2 = asyncio.create_task(second.submit(b))
-            return await t1, await t2
+            return await asyncio.wait_for(t1, HANG_S), await asyncio.wait_for(t2, HANG_S)
 
     r1, r2 = run_with(batcher, body)  # type: ignore[misc]
     assert rec.sizes == [2]
@@ -190,10 +208,10 @@ def test_cancelled_requests_do_not_break_the_batch(runtime) -> None:
 
     async def body(b: MicroBatcher) -> tuple[BatchResult, BatchResult]:
         ta = asyncio.create_task(b.submit(xa))
-        await asyncio.sleep(0.05)  # A is running, held at the gate
+        await until(rec.started.is_set, "A running, held at the gate")
         tb = asyncio.create_task(b.submit(xb))
         tc = asyncio.create_task(b.submit(xc))
-        await asyncio.sleep(0.01)
+        await until(lambda: b.depth == 2, "B and C queued behind A")
         tb.cancel()  # B's client went away while queued
         gate.set()
         with pytest.raises(asyncio.CancelledError):
@@ -214,10 +232,10 @@ def test_stop_drains_admitted_work_then_refuses(runtime) -> None:
     async def main() -> None:
         await batcher.start()
         tasks = [asyncio.create_task(batcher.submit(x)) for x in images(5)]
-        await asyncio.sleep(0.02)
-        stopping = asyncio.create_task(batcher.stop(timeout_s=10))
-        await asyncio.sleep(0.02)
-        assert not batcher.accepting
+        await until(rec.started.is_set, "the first batch running, held at the gate")
+        assert batcher.depth == 3  # the other three wait behind it
+        stopping = asyncio.create_task(batcher.stop(timeout_s=HANG_S))
+        await until(lambda: not batcher.accepting, "stop() refusing new work")
         with pytest.raises(NotAccepting):
             await batcher.submit(images(1)[0])
         gate.set()
