@@ -408,7 +408,7 @@ def test_the_healthcheck_one_liner_judges_readyz(status: int, healthy: bool) -> 
     try:
         env = {**os.environ, "PORT": str(server.server_address[1])}
         done = subprocess.run(
-            [sys.executable, "-c", argv[2]], env=env, capture_output=True, timeout=20, check=False
+            [sys.executable, "-c", argv[2]], env=env, capture_output=True, timeout=120, check=False
         )
     finally:
         server.shutdown()
@@ -419,4 +419,4 @@ def test_the_healthcheck_one_liner_judges_readyz(status: int, healthy: bool) -> 
 def test_smoke_script_parses() -> None:
     script = REPO / "scripts" / "docker-smoke.sh"
     assert os.access(script, os.X_OK)
-    subprocess.run(["bash", "-n", str(script)], check=True, timeout=20)
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=120)
