@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import shutil
 import subprocess
 import time
@@ -173,6 +174,12 @@ def test_orthanc_routes_a_study_and_gets_one_sr_and_one_sc_back_in_it(
         f"dimse://ORTHANC@127.0.0.1:{orthanc.dicom_port}"
     }
     assert all(r["attempts"] == 1 for r in body["results"])
+    label = f"dimse://ORTHANC@127.0.0.1:{orthanc.dicom_port}"
+    metrics = httpx.get(f"{service.url}/metrics", timeout=10).text
+    assert f'cxr_outbox_depth{{destination="{label}"}} 0.0' in metrics
+    assert re.search(
+        rf'cxr_outbox_delivered_total{{destination="{re.escape(label)}"}} [1-9]', metrics
+    )
     statuses = {i["sop_instance_uid"]: i["status"] for i in body["instances"]}
     assert statuses == {study[0].SOPInstanceUID: "scored", study[1].SOPInstanceUID: "ineligible"}
     # dsrdump reads the SR as stored by Orthanc: the lateral is listed as not scored.
