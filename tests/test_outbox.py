@@ -9,6 +9,7 @@ schedule the outbox persisted, never by timing the test.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import signal
@@ -112,7 +113,9 @@ def schedule(db: Path) -> list[tuple[int, float, float]]:
 
 @needs_storescp
 def test_delivers_every_object_once_to_each_destination_with_audit_and_metrics(
-    studies: list[tuple[str, list[ResultObject]]], tmp_path: Path
+    studies: list[tuple[str, list[ResultObject]]],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ):
     study_uid, objects = studies[0]
     fake = FakePacs().start()
@@ -147,7 +150,11 @@ def test_delivers_every_object_once_to_each_destination_with_audit_and_metrics(
             await outbox.stop()
 
     try:
-        asyncio.run(scenario())
+        with caplog.at_level(logging.DEBUG):
+            asyncio.run(scenario())
+        logged = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+        assert "result delivered" in logged
+        assert not [value for value in PATIENT_VALUES if value in logged]
         # The fake PACS got each object once, from our AE title, byte-for-byte the same content.
         assert sorted(fake.received) == sorted(o.sop_instance_uid for o in objects)
         assert all(len(copies) == 1 for copies in fake.received.values())
@@ -391,3 +398,32 @@ def test_pending_rows_survive_a_restart_without_destinations_reachable(
     finally:
         fake.stop()
     assert sorted(fake.received) == sorted(o.sop_instance_uid for o in objects)
+
+
+def test_a_result_file_lost_before_sending_is_failed_and_named(
+    studies: list[tuple[str, list[ResultObject]]], tmp_path: Path
+):
+    """A result file deleted under the outbox: never a crash, never a silent pending forever."""
+    study_uid, objects = studies[1]
+    lost = tmp_path / objects[0].path.name
+    lost.write_bytes(objects[0].path.read_bytes())
+    gone = ResultObject(objects[0].kind, objects[0].sop_instance_uid, lost)
+    fake = FakePacs().start()
+
+    async def scenario() -> list[dict[str, Any]]:
+        outbox = Outbox(tmp_path / "outbox.sqlite", [parse_destination(fake.url)])
+        lost.unlink()  # after the result was written, before the outbox sends it
+        assert outbox.enqueue(study_uid, [gone, objects[1]]) == 2
+        await outbox.start()
+        try:
+            await until(lambda: "pending" not in states(outbox, study_uid), what="settled")
+            return outbox.deliveries(study_uid)
+        finally:
+            await outbox.stop()
+
+    try:
+        rows = {r["sop_instance_uid"]: r["delivery"] for r in asyncio.run(scenario())}
+    finally:
+        fake.stop()
+    assert rows == {gone.sop_instance_uid: "failed", objects[1].sop_instance_uid: "delivered"}
+    assert list(fake.received) == [objects[1].sop_instance_uid]

@@ -429,7 +429,8 @@ class Outbox:
 
 
 def _describe(path: Path) -> tuple[str | None, str | None, str | None]:
-    """Series UID, model name and version of a result file, for the audit trail."""
+    """Series UID, model name and version of a result file, for the audit trail (Nones when
+    it cannot be read: the send then fails visibly, the enqueue never does)."""
     try:
         ds = dcmread(
             path,
@@ -437,9 +438,11 @@ def _describe(path: Path) -> tuple[str | None, str | None, str | None]:
             specific_tags=["SeriesInstanceUID", "ManufacturerModelName", "SoftwareVersions"],
         )
     except (OSError, ValueError) as exc:
-        raise ValueError(
-            f"result object {path.name} cannot be read ({type(exc).__name__})"
-        ) from exc
+        logger.error(
+            "result object unreadable at enqueue",
+            extra={"file": Path(path).name, "error": type(exc).__name__},
+        )
+        return None, None, None
     version = ds.get("SoftwareVersions")
     if version is not None and not isinstance(version, str):
         version = str(version[0]) if len(version) else None
