@@ -76,7 +76,8 @@ def test_unknown_calling_or_called_ae_is_rejected_cleanly(app: PacsApp) -> None:
     ae = AE(ae_title="INTRUDER")
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", app.port, ae_title=AE_TITLE)
-    assert assoc.is_rejected  # A-ASSOCIATE-RJ, not an abort or a dropped connection
+    # A-ASSOCIATE-RJ, not an abort or a dropped connection.
+    assert assoc.is_rejected, (assoc.is_established, assoc.is_aborted)
     assert c_echo(app.port, called="SOMEONE_ELSE") is None
     done = subprocess.run(
         [dcmtk("echoscu"), "-aet", "INTRUDER", "-aec", AE_TITLE, "127.0.0.1", str(app.port)],

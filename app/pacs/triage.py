@@ -103,8 +103,11 @@ class StudyScorer:
         Raises :class:`ScoringDeferred` when the batcher cannot take the images now; nothing
         is recorded then and the study is tried again later.
         """
+        # At most one batch of a study's images in the queue at a time: a large study neither
+        # overflows the queue (which would defer it for ever) nor crowds out POST /predict.
+        in_flight = asyncio.Semaphore(self.batcher.max_batch_size)
         results = await asyncio.gather(
-            *(self._one(instance) for instance in instances), return_exceptions=True
+            *(self._one(instance, in_flight) for instance in instances), return_exceptions=True
         )
         for result in results:
             if isinstance(result, (QueueFull, NotAccepting)):
@@ -142,7 +145,9 @@ class StudyScorer:
             model_version=card.version,
         )
 
-    async def _one(self, instance: InstanceOutcome) -> InstanceOutcome | _Scored:
+    async def _one(
+        self, instance: InstanceOutcome, in_flight: asyncio.Semaphore
+    ) -> InstanceOutcome | _Scored:
         loop = asyncio.get_running_loop()
         header = await loop.run_in_executor(self.pool, _read_header, instance.path)
         if header is None:
@@ -154,14 +159,15 @@ class StudyScorer:
         verdict = check_eligibility(header)
         if not verdict.eligible:
             return replace(instance, status=InstanceStatus.INELIGIBLE, reason=verdict.reason)
-        with self.batcher.admit() as slot:
-            try:
-                prepared = await loop.run_in_executor(
-                    self.pool, _prepare_file, instance.path, self.card, self.max_pixels
-                )
-            except Problem as exc:
-                return replace(instance, status=InstanceStatus.UNDECODABLE, reason=exc.detail)
-            result = await slot.submit(prepared.model_input)
+        async with in_flight:
+            with self.batcher.admit() as slot:
+                try:
+                    prepared = await loop.run_in_executor(
+                        self.pool, _prepare_file, instance.path, self.card, self.max_pixels
+                    )
+                except Problem as exc:
+                    return replace(instance, status=InstanceStatus.UNDECODABLE, reason=exc.detail)
+                result = await slot.submit(prepared.model_input)
         return _Scored(
             replace(instance, status=InstanceStatus.SCORED, reason=None),
             result.logits,
