@@ -19,6 +19,8 @@ validation). For each model this prints and writes one table row:
     .venv/bin/python benchmarks/compare_zoo.py                      # ~40 min on 2 shared cores
     .venv/bin/python benchmarks/compare_zoo.py --archs cnn vit-v1 --epochs 5 --runs /tmp/zoo
     .venv/bin/python benchmarks/compare_zoo.py --report-only        # table from finished runs
+    .venv/bin/python benchmarks/compare_zoo.py --cv runs/cv/cnn-s8 runs/cv/vit-p8 \
+        --pair runs/cv/cnn-s8 runs/cv/cnn-s8-seed1 --model-dir models/default   # k-fold CV table
 
 Runs land in ``runs/zoo/NAME`` (git-ignored); the table in ``runs/zoo/comparison.md`` and
 ``comparison.json``. A finished run (its ``model/model_card.json`` exists) is not redone.
@@ -209,8 +211,74 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def cv_table(cv_dirs: list[Path], pairs: list[tuple[Path, Path]], n_boot: int) -> str:
+    """Out-of-fold comparison of finished ``cxr-triage crossval`` folders, and averaged pairs.
+
+    Every figure is out of fold (each image scored by models that never saw its patient); a pair
+    of runs on the same folds averages its out-of-fold logits, an honest out-of-fold ensemble.
+    """
+    from training.crossval import ensemble_gain
+
+    def ci(lo: float | None, hi: float | None) -> str:
+        return "-" if lo is None else f"{lo:.3f}-{hi:.3f}"
+
+    def opt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    lines = [
+        "| CV run | arch | params | epochs | seed | out-of-fold mean AUROC (95% CI, patient "
+        "bootstrap) | 64 px src / larger src | per-fold mean AUROC | train s per fold |",
+        "|---|---|---:|---:|---:|---|---|---|---:|",
+    ]
+    for d in cv_dirs:
+        s = json.loads((d / "summary.json").read_text())
+        folds = " / ".join(f"{v['mean_auroc']:.3f}" for v in s["per_fold"].values())
+        secs = [v for v in s["train_seconds"].values() if v]
+        lines.append(
+            f"| `{d.name}` | `{s['arch']}` | {s['parameters'] / 1e6:.2f} M | {s['epochs']} | "
+            f"{s['seed']} | {s['oof_mean_auroc']:.3f} ({ci(*s['oof_mean_auroc_ci'])}) | "
+            f"{opt(s['by_source']['64px']['mean_auroc'])} / "
+            f"{opt(s['by_source']['larger']['mean_auroc'])} | {folds} | "
+            f"{np.mean(secs):.0f} |"
+        )
+    if pairs:
+        lines += [
+            "",
+            "| averaged out-of-fold logits | single (first) | averaged (95% CI) | "
+            "gain (95% CI, paired patient bootstrap) | p |",
+            "|---|---|---|---|---:|",
+        ]
+        for a, b in pairs:
+            g = ensemble_gain([a, b], n_boot=n_boot)
+            m = g["paired_vs_first"]["mean"]
+            lines.append(
+                f"| `{a.name}` + `{b.name}` | {g['single'][0]['mean_auroc']:.3f} | "
+                f"{g['ensemble']['mean_auroc']:.3f} ({ci(*g['ensemble']['ci'])}) | "
+                f"{m['difference']:+.3f} ({m['ci_low']:+.3f} to {m['ci_high']:+.3f}) | "
+                f"{m['p_value']:.3f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--cv",
+        nargs="+",
+        type=Path,
+        help="instead of training: tabulate these finished crossval folders (out of fold)",
+    )
+    p.add_argument(
+        "--pair",
+        nargs=2,
+        type=Path,
+        action="append",
+        default=[],
+        metavar=("CV_A", "CV_B"),
+        help="with --cv: also score the average of two runs' out-of-fold logits (repeatable)",
+    )
+    p.add_argument("--model-dir", type=Path, help="with --cv: also time this model folder")
+    p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
     p.add_argument("--archs", nargs="+", default=DEFAULT_ARCHS, help="zoo/timm names, NAME@SIZE")
     p.add_argument("--runs", type=Path, default=REPO / "runs" / "zoo")
@@ -220,6 +288,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="only tabulate finished runs")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.cv:
+        print(cv_table(args.cv, [tuple(x) for x in args.pair], args.bootstrap))
+        if args.model_dir:
+            med, low, grid = onnx_latency_ms(args.model_dir, args.latency_runs)
+            size = (args.model_dir / "model.onnx").stat().st_size / 1e6
+            print(
+                f"{args.model_dir}: model.onnx {size:.1f} MB, heatmap {list(grid)}, ONNX Runtime "
+                f"CPU batch 1, one thread: median {med:.2f} ms, min {low:.2f} ms "
+                f"({args.latency_runs} runs)"
+            )
+        return 0
     args.runs.mkdir(parents=True, exist_ok=True)
     config = args.config.resolve()
     if not args.report_only:

@@ -308,7 +308,7 @@ def test_model_endpoint(client, card, reference, png_1024) -> None:
     runtime = body["runtime"]
     assert runtime["providers"] == ["CPUExecutionProvider"]
     assert runtime["device"] == "cpu"
-    assert runtime["heatmap_grid"] == list(reference(png_1024[0].read_bytes())[1].shape)
+    assert runtime["heatmap_grid"] == list(reference(png_1024[0].read_bytes())[1].shape[-2:])
     assert runtime["warmed_up"] is True
     assert runtime["intra_op_threads"] == 1
 
