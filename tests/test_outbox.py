@@ -29,6 +29,7 @@ from app.ops.audit import AuditLog, query
 from app.pacs.model import ResultObject, parse_destination
 from app.pacs.outbox import Outbox
 from app.pacs.results import write_results
+from app.pacs.send import stow_outcome
 from tests.dicom_factory import (
     FAKE_ACCESSION,
     FAKE_PATIENT_ID,
@@ -427,3 +428,64 @@ def test_a_result_file_lost_before_sending_is_failed_and_named(
         fake.stop()
     assert rows == {gone.sop_instance_uid: "failed", objects[1].sop_instance_uid: "delivered"}
     assert list(fake.received) == [objects[1].sop_instance_uid]
+
+
+def test_out_of_resources_is_retried_not_failed(
+    studies: list[tuple[str, list[ResultObject]]], tmp_path: Path
+):
+    """0xA700 (the PACS's disk is full) clears by itself: retried until it stores."""
+    study_uid, objects = studies[1]
+    answers = [0xA700, 0xA700]  # the first two C-STOREs, then success
+
+    def status(ds: Any) -> int:
+        return answers.pop(0) if answers else 0x0000
+
+    fake = FakePacs(status_for=status).start()
+
+    async def scenario() -> list[dict[str, Any]]:
+        outbox = Outbox(
+            tmp_path / "outbox.sqlite", [parse_destination(fake.url)], base_delay_s=0.05
+        )
+        await outbox.start()
+        try:
+            outbox.enqueue(study_uid, objects)
+            await until(lambda: all_delivered(outbox, [study_uid]), what="delivery after 0xA700")
+            return outbox.deliveries(study_uid)
+        finally:
+            await outbox.stop()
+
+    try:
+        rows = asyncio.run(scenario())
+    finally:
+        fake.stop()
+    assert sum(r["attempts"] for r in rows) == len(objects) + 2
+    assert sorted(fake.received) == sorted(o.sop_instance_uid for o in objects)
+
+
+def sop_sequence(tag: str, uid: str, reason: int | None = None) -> dict[str, Any]:
+    """A PS3.18 store-response sequence (DICOM JSON) with one item for ``uid``."""
+    item: dict[str, Any] = {"00081155": {"vr": "UI", "Value": [uid]}}
+    if reason is not None:
+        item["00081197"] = {"vr": "US", "Value": [reason]}
+    return {tag: {"vr": "SQ", "Value": [item]}}
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "ok", "permanent"),
+    [
+        (200, sop_sequence("00081199", "1.2.3"), True, False),
+        (200, None, True, False),  # a 200 without a body: PS3.18 says all were stored
+        (202, sop_sequence("00081198", "1.2.3", 0xA900), False, True),
+        (202, sop_sequence("00081198", "1.2.3", 0xA700), False, False),
+        (202, sop_sequence("00081198", "9.9"), True, False),  # another instance failed
+        (409, None, False, True),
+        (503, None, False, False),
+        (429, None, False, False),
+        (400, None, False, True),
+    ],
+)
+def test_stow_rs_answers_per_ps3_18(status: int, body: Any, ok: bool, permanent: bool):
+    """PS3.18 10.5.3: 200 stored, 202 with this instance in FailedSOPSequence not stored (its
+    FailureReason says whether trying again can help), 409 none stored; 5xx/429 are transient."""
+    outcome = stow_outcome(status, body, "1.2.3")
+    assert (outcome.ok, outcome.permanent) == (ok, permanent), outcome.detail

@@ -329,8 +329,11 @@ class Outbox:
         self, destination: Destination, rows: list[_Row], outcomes: list[SendOutcome]
     ) -> None:
         now, now_iso = time.time(), utc_now()
-        updates = []
+        updates, untried = [], []
         for row, outcome in zip(rows, outcomes, strict=True):
+            if not outcome.tried:  # never sent: due again at once, on a new association
+                untried.append((now, row.id))
+                continue
             attempts = row.attempts + 1
             if outcome.ok:
                 updates.append(("delivered", attempts, now, now, None, now_iso, row.id))
@@ -347,8 +350,10 @@ class Outbox:
                     "last_attempt_at = ?, last_error = ?, delivered_at = ? WHERE id = ?",
                     updates,
                 )
+                conn.executemany("UPDATE outbox SET next_attempt_at = ? WHERE id = ?", untried)
         for row, outcome in zip(rows, outcomes, strict=True):
-            self._report(destination, row, outcome)
+            if outcome.tried:
+                self._report(destination, row, outcome)
 
     def _report(self, destination: Destination, row: _Row, outcome: SendOutcome) -> None:
         """Log (UIDs only) and audit what one attempt did."""

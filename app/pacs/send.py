@@ -38,11 +38,16 @@ _RETRY_HTTP = frozenset({401, 403, 404, 408, 425, 429})
 
 @dataclass(frozen=True)
 class SendOutcome:
-    """What happened to one object: stored, or not and whether a retry may help."""
+    """What happened to one object: stored, or not and whether a retry may help.
+
+    ``tried`` is False for an object never put on the wire (its batch's association broke
+    first): that costs it no attempt and no backoff.
+    """
 
     ok: bool
     detail: str = ""
     permanent: bool = False
+    tried: bool = True
 
 
 class Sender(Protocol):
@@ -140,16 +145,18 @@ class DimseSender:
             )
             return dict.fromkeys(datasets, SendOutcome(False, why))
         outcomes: dict[int, SendOutcome] = {}
-        broken = False
+        dropped = False
         try:
             for index, ds in datasets.items():
-                if broken or not assoc.is_established:
+                if dropped or not assoc.is_established:
                     # Sending on an association the peer dropped would only wait out the
                     # DIMSE timeout: the rest of the batch goes with the next attempt.
-                    outcomes[index] = SendOutcome(False, "association ended before this object")
+                    outcomes[index] = SendOutcome(
+                        False, "association ended before this object", tried=False
+                    )
                     continue
                 outcomes[index] = self._store_one(assoc, ds)
-                broken = not outcomes[index].ok and not outcomes[index].permanent
+                dropped = not assoc.is_established
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -175,9 +182,14 @@ def dimse_outcome(status: Dataset) -> SendOutcome:
         return SendOutcome(True, "0x0000")
     if code in (0xB000, 0xB006, 0xB007):
         return SendOutcome(True, f"stored with warning 0x{code:04X}")
-    if 0xA700 <= code <= 0xA7FF or code == 0x0213:  # out of resources, resource limitation
-        return SendOutcome(False, f"destination out of resources (0x{code:04X})")
-    return SendOutcome(False, f"refused with status 0x{code:04X}", True)
+    return SendOutcome(False, f"status 0x{code:04X}", not transient_status(code))
+
+
+def transient_status(code: int) -> bool:
+    """Whether a storage failure status may clear by itself: out of resources (0xA7xx) or a
+    resource limitation (0x0213). Everything else (0xA9xx data set does not match, 0xCxxx cannot
+    understand, 0x01xx refused) is about the object and will not."""
+    return 0xA700 <= code <= 0xA7FF or code == 0x0213
 
 
 # --------------------------------------------------------------------------------- STOW-RS
@@ -254,8 +266,9 @@ def stow_outcome(status: int, body: Any, sop_instance_uid: str) -> SendOutcome:
         return SendOutcome(True, f"HTTP {status}")
     if sop_instance_uid in failed or status == 409:
         reason = failed.get(sop_instance_uid)
-        detail = f"HTTP {status}, refused" + (f" (failure reason {reason})" if reason else "")
-        return SendOutcome(False, detail, True)
+        code = reason if isinstance(reason, int) else None
+        detail = f"HTTP {status}, not stored" + (f" (FailureReason 0x{code:04X})" if code else "")
+        return SendOutcome(False, detail, code is None or not transient_status(code))
     if status >= 500 or status in _RETRY_HTTP:
         return SendOutcome(False, f"HTTP {status}")
     return SendOutcome(False, f"HTTP {status}", True)
