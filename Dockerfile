@@ -37,8 +37,12 @@ RUN mkdir -p /tmp/stub/app /tmp/stub/training \
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY training ./training
+# The check runs from / so it imports the installed package, not /src: /docs and /redoc need
+# their Swagger UI and ReDoc files in it (package data), since the image serves them itself.
 RUN /opt/venv/bin/pip install --no-deps . \
-    && /opt/venv/bin/python -c "import app.main, app.cli"
+    && cd / && /opt/venv/bin/python -c "import app.main, app.cli; from app.api.docs import STATIC_DIR as s; \
+assert all((s / f).is_file() for f in ('swagger-ui/swagger-ui-bundle.js', 'swagger-ui/swagger-ui.css', \
+'redoc/redoc.standalone.js')), 'docs assets missing from the installed package'"
 # Where the NVIDIA wheels put their shared libraries, for the runtime's dynamic loader.
 RUN /opt/venv/bin/python -c "import glob, sysconfig; \
 print('\n'.join(sorted(glob.glob(sysconfig.get_paths()['purelib'] + '/nvidia/*/lib'))))" \
