@@ -249,6 +249,13 @@ def build_card(
         "Positive means probability >= threshold; thresholds were chosen on the validation split "
         "and their sensitivity/specificity are validation figures.",
     ]
+    temperature = val.get("calibration", {}).get("temperature", 1.0)
+    if temperature != 1.0:
+        default_limits.append(
+            f"Probabilities are sigmoid(logit / {temperature:.4g}): one temperature fitted on the "
+            "validation split (it leaves AUROC unchanged); the thresholds are on these calibrated "
+            "probabilities. Calibration on other sites is unknown."
+        )
     unfitted = thresholds.get("unfitted", [])
     if unfitted:
         default_limits.append(
