@@ -7,7 +7,8 @@
 #   4. runs it the way docs/deployment.md and deploy/k8s do (read-only root, non-root user,
 #      tmpfs for /tmp and the audit DB), waits for /readyz and for Docker's own HEALTHCHECK,
 #      POSTs a chest X-ray PNG to /predict, reads /metrics, checks a bad upload gets a 4xx,
-#      runs a second container on a mounted model folder, brings up docker-compose.yml's
+#      runs a second container on a mounted model folder and a third with no network at all
+#      (--network none: /readyz, /predict and the /docs, /redoc assets from inside), brings up docker-compose.yml's
 #      CPU service on the same image (docker compose v2, or docker-compose from apt), and
 #      stops the first container gracefully;
 #   5. cleans up on any exit: containers, the compose project, the project image (unless
@@ -35,6 +36,7 @@ BUILD_NETWORK=${CXR_SMOKE_BUILD_NETWORK:-host}
 MIRROR=${CXR_SMOKE_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 CONTAINER=cxr-smoke-$$
 CONTAINER2=cxr-smoke-mounted-$$
+CONTAINER3=cxr-smoke-airgap-$$
 PROJECT=cxr-smoke-$$
 PORT3=$((PORT + 2))
 COMPOSE=()
@@ -51,13 +53,13 @@ cleanup() {
     local rc=$?
     set +e
     if [[ $rc -ne 0 ]]; then
-        for c in "$CONTAINER" "$CONTAINER2"; do
+        for c in "$CONTAINER" "$CONTAINER2" "$CONTAINER3"; do
             docker inspect "$c" >/dev/null 2>&1 || continue
             log "logs of $c (tail):"
             docker logs --tail 25 "$c" 2>&1 | cut -c1-300 | sed 's/^/    /'
         done
     fi
-    docker rm -f "$CONTAINER" "$CONTAINER2" >/dev/null 2>&1
+    docker rm -f "$CONTAINER" "$CONTAINER2" "$CONTAINER3" >/dev/null 2>&1
     if [[ $COMPOSE_UP == 1 ]]; then
         (cd "$REPO" && "${COMPOSE[@]}" --profile cpu down -v --remove-orphans >/dev/null 2>&1)
     fi
@@ -313,6 +315,39 @@ for _ in $(seq 60); do
 done
 [[ $health == healthy ]] || die "compose service health is '$health'"
 log "    compose service healthy; read-only root: $(docker inspect -f '{{.HostConfig.ReadonlyRootfs}}' "$COMPOSED")"
+
+log "air gap: a container with no network but its own loopback (--network none), checked from inside"
+docker run -d --name "$CONTAINER3" --network none --read-only \
+    --tmpfs /tmp --tmpfs /var/lib/cxr-triage:uid=10001,gid=10001,mode=0750 "$IMAGE" >/dev/null
+docker exec -i "$CONTAINER3" python3 - <<'EOF' || die "the image does not serve without a network"
+import json, os, re, struct, time, urllib.request, zlib
+
+url = "http://127.0.0.1:%s" % os.environ.get("PORT", "8000")
+def get(path, data=None, ctype=None):
+    req = urllib.request.Request(url + path, data=data, headers={"Content-Type": ctype} if ctype else {})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return r.status, r.read()
+deadline = time.monotonic() + 240
+while True:
+    try:
+        if get("/readyz")[0] == 200:
+            break
+    except OSError:
+        pass
+    assert time.monotonic() < deadline, "not ready within 240 s"
+    time.sleep(1)
+rows = b"".join(b"\0" + bytes((x + y) % 256 for x in range(256)) for y in range(256))
+chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 256, 256, 8, 0, 0, 0, 0))
+       + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+status, body = get("/predict", png, "image/png")
+assert status == 200, status
+assets = re.findall(rb'(?:src|href)="(/[^"]+)"', get("/docs")[1] + get("/redoc")[1])
+served = {a.decode(): get(a.decode())[0] for a in assets}
+assert served and all(code == 200 for code in served.values()), served
+print(f"    /readyz 200, /predict 200 ({len(json.loads(body)['findings'])} findings), docs assets {served}")
+EOF
+docker rm -f "$CONTAINER3" >/dev/null
 
 log "docker stop (SIGTERM, graceful shutdown)"
 stop_start=$(date +%s)
