@@ -278,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         help="with --cv: also score the average of two runs' out-of-fold logits (repeatable)",
     )
     p.add_argument("--model-dir", type=Path, help="with --cv: also time this model folder")
+    p.add_argument(
+        "--tta", action="store_true", help="with --cv: out-of-fold gain of a left-right flip TTA"
+    )
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--config", type=Path, default=REPO / "configs" / "demo.yaml")
     p.add_argument("--archs", nargs="+", default=DEFAULT_ARCHS, help="zoo/timm names, NAME@SIZE")
@@ -290,6 +293,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.cv:
         print(cv_table(args.cv, [tuple(x) for x in args.pair], args.bootstrap))
+        if args.tta:
+            from training.crossval import flip_tta_gain
+
+            for d in args.cv:
+                g = flip_tta_gain(d, n_boot=args.bootstrap)
+                m = g["mean"]
+                print(
+                    f"{d}: flip TTA out of fold {m['a']:.4f} vs plain {m['b']:.4f}: "
+                    f"{m['difference']:+.4f} (95% CI {m['ci_low']:+.4f} to {m['ci_high']:+.4f}, "
+                    f"p {m['p_value']:.3f}); recomputed vs stored OOF logits max |d| "
+                    f"{g['max_abs_diff_vs_stored_oof']:.1e}"
+                )
         if args.model_dir:
             med, low, grid = onnx_latency_ms(args.model_dir, args.latency_runs)
             size = (args.model_dir / "model.onnx").stat().st_size / 1e6

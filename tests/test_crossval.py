@@ -168,3 +168,13 @@ def test_pointing_game_out_of_fold(small_cv: Path, tmp_path: Path, data_dir: Pat
         box = next(b for b in boxes if b.file == p["file"] and b.label == p["label"])
         inside = box.x <= p["peak_x"] <= box.x + box.w and box.y <= p["peak_y"] <= box.y + box.h
         assert inside == p["hit"]
+
+
+def test_saved_fold_models_reproduce_the_out_of_fold_logits(small_cv: Path) -> None:
+    """Each saved fold model, scoring its own held-out fold again, gives the stored out-of-fold
+    logits: the bookkeeping that the card's figures and the flip-TTA check rest on."""
+    from training.crossval import flip_tta_gain
+
+    gain = flip_tta_gain(small_cv, n_boot=50)
+    assert gain["max_abs_diff_vs_stored_oof"] < 1e-4
+    assert -1 < gain["mean"]["difference"] < 1

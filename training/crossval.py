@@ -405,3 +405,42 @@ def ensemble_gain(cv_dirs: list[Path], *, n_boot: int = 1000) -> dict[str, Any]:
 
 
 PATHOLOGY_SET = frozenset(PATHOLOGIES)
+
+
+def flip_tta_gain(cv_dir: str | Path, *, n_boot: int = 1000) -> dict[str, Any]:
+    """Out of fold: does averaging each image with its left-right mirror help?
+
+    Each fold model scores its own held-out images as they are and mirrored; the averaged logits
+    are compared with the plain ones by a paired patient bootstrap. (Training never flips: the
+    heart is on the patient's left, so a mirrored radiograph is not a normal one.)
+    """
+    import torch
+
+    from training.export import load_cv_members
+    from training.metrics import paired_comparison
+
+    cv_dir = Path(cv_dir)
+    oof = load_oof(cv_dir)
+    members, spec, labels = load_cv_members([cv_dir])
+    cache = oof["cache"]
+    normalizer = Normalizer(spec["mean"], spec["std"], torch.device("cpu"))
+    plain = np.zeros_like(oof["logits"])
+    flipped = np.zeros_like(oof["logits"])
+    for fold, member in enumerate(members):
+        rows = np.flatnonzero(oof["folds"] == fold)
+        ds = CachedImages(cache, rows)
+        with torch.inference_mode():
+            for start in range(0, len(rows), 128):
+                idx = list(range(start, min(start + 128, len(rows))))
+                images, _ = ds.__getitems__(idx)
+                x = normalizer(images)
+                plain[rows[idx]] = member.model(x).numpy()
+                flipped[rows[idx]] = member.model(torch.flip(x, dims=[3])).numpy()
+    tta = (plain + flipped) / 2
+    comparison = paired_comparison(
+        oof["targets"], sigmoid(tta), sigmoid(plain), labels, n_boot=n_boot, groups=oof["groups"]
+    )
+    return {
+        "max_abs_diff_vs_stored_oof": float(np.abs(plain - oof["logits"]).max()),
+        "mean": comparison["mean"],
+    }
