@@ -463,7 +463,13 @@ def main(argv: list[str] | None = None) -> int:
     payloads = [png.read_bytes() for png in pngs]
     bodies = [multipart(data, png.name) for data, png in zip(payloads, pngs, strict=True)]
 
-    runtime = ModelRuntime.load(folder, providers="auto", intra_op_threads=args.threads)
+    server_env = dict(kv.split("=", 1) for kv in args.server_env)
+    # Raw ORT with the service's session options, so "outside inference" is only the service.
+    flag = server_env.get("CXR_ORT_SPINNING")
+    spinning = Settings().ort_spinning if flag is None else flag.lower() in ("1", "true", "yes")
+    runtime = ModelRuntime.load(
+        folder, providers="auto", intra_op_threads=args.threads, allow_spinning=spinning
+    )
     runtime.warm_up((1, 8))
     images = [to_model_input(decode_image(d).pixels, runtime.card.input) for d in payloads[:8]]
     raw = Raw(runtime, images)
@@ -491,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         "CXR_LOG_LEVEL": "WARNING",
         "CXR_PACS_ENABLED": "false",  # /predict only: no DICOM listener, no study store
     }
-    env.update(dict(kv.split("=", 1) for kv in args.server_env))
+    env.update(server_env)
     queue_limit = int(env.get("CXR_MAX_QUEUE_SIZE", Settings().max_queue_size))
     servers: dict[str, Server] = {}
     raw_lat: list[list[float]] = []
