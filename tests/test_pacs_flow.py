@@ -3,13 +3,14 @@ storescu, pynetdicom and STOW-RS; SR + SC out to a pynetdicom PACS and to DCMTK 
 GET /v1/studies says delivered; a resend is a duplicate; a destination that is down and two
 crashes (SIGKILL) later, every study has exactly one SR and one SC at every destination.
 
-Marked slow: three service start-ups (about half a minute on a quiet 2-core machine).
+Marked slow: four service start-ups and an Orthanc (about 45 s on a quiet 2-core machine).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -173,3 +174,80 @@ def test_acceptance_flow(tmp_path: Path, data_dir: Path) -> None:
             s.stop()
         storescp.stop()
         fake.stop()
+
+
+def test_orthanc_routes_resends_and_pushes_by_stow_rs(tmp_path: Path, data_dir: Path) -> None:
+    """With a real Orthanc as the PACS (deploy/orthanc's config and Lua route): a routed study
+    gets one SR + one SC back; Orthanc routing the same image again is a duplicate (nothing new
+    in Orthanc); Orthanc's own STOW-RS client pushing a study to the service works the same."""
+    from tests.pacs_out_fixtures import Orthanc, orthanc_available
+
+    missing = orthanc_available()
+    if missing is not None:
+        pytest.skip(missing)
+    dcmtk("storescu")
+    pngs = nih_pngs(data_dir)
+    http_port, orthanc_port, triage_port = free_port(), free_port(), free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", http_port, orthanc_port, triage_port).start()
+    server = None
+    try:
+        server = serve(tmp_path, triage_port, f"dimse://ORTHANC@127.0.0.1:{orthanc_port}", 0.5)
+
+        def in_orthanc(uid: str) -> Counter[str]:
+            """Instances per modality in Orthanc's copy of the study."""
+            counts: Counter[str] = Counter()
+            for series in orthanc.series(uid):
+                counts[series["MainDicomTags"].get("Modality", "")] += len(series["Instances"])
+            return counts
+
+        def into_orthanc(paths: list[Path]) -> None:
+            cmd = [dcmtk("storescu"), "-aet", "MODALITY", "-aec", "ORTHANC", "127.0.0.1"]
+            done = subprocess.run(
+                [*cmd, str(orthanc_port), *map(str, paths)], capture_output=True, text=True
+            )
+            assert done.returncode == 0, done.stderr
+
+        pa = make_dataset(pngs[30])
+        files = write_files([pa], tmp_path / "pa")
+        into_orthanc(files)
+        wait_state(server, pa.StudyInstanceUID, all_delivered, "the routed study delivered")
+        wait_for(
+            lambda: in_orthanc(pa.StudyInstanceUID) == {"DX": 1, "SR": 1, "OT": 1},
+            what="one SR and one SC in Orthanc's copy of the study",
+        )
+        # Orthanc routes the same image again: a duplicate, nothing new comes back.
+        into_orthanc(files)
+        again = wait_state(
+            server,
+            pa.StudyInstanceUID,
+            lambda b: "duplicate" in [i["status"] for i in b["instances"]],
+            "the resend seen as a duplicate",
+        )
+        assert again["state"] == "delivered" and len(again["results"]) == 2
+        assert in_orthanc(pa.StudyInstanceUID) == {"DX": 1, "SR": 1, "OT": 1}
+
+        # Orthanc's DICOMweb client pushes a study (an OT secondary capture, which the Lua
+        # route leaves alone) to POST /dicomweb/studies.
+        sc = make_dataset(pngs[31], modality="OT")
+        with orthanc.client() as client:
+            put = client.put(
+                "/dicom-web/servers/cxr-triage", json={"Url": f"{server.url}/dicomweb/"}
+            )
+            assert put.status_code == 200, put.text
+            uploaded = client.post("/instances", content=to_bytes(sc))
+            assert uploaded.status_code == 200, uploaded.text
+            pushed = client.post(
+                "/dicom-web/servers/cxr-triage/stow",
+                json={"Resources": [uploaded.json()["ParentStudy"]], "Synchronous": True},
+            )
+            assert pushed.status_code == 200, pushed.text
+        body = wait_state(server, sc.StudyInstanceUID, all_delivered, "the STOW study delivered")
+        assert statuses(body) == {sc.SOPInstanceUID: "scored"}
+        wait_for(
+            lambda: in_orthanc(sc.StudyInstanceUID) == {"OT": 2, "SR": 1},
+            what="one SR and one SC in Orthanc's copy of the STOW study",
+        )
+    finally:
+        if server is not None:
+            server.stop()
+        orthanc.stop()
