@@ -28,6 +28,7 @@ from pynetdicom.sop_class import Verification
 
 from app.api.schemas import Triage
 from app.card import ModelCard
+from app.imaging.decode import DecodeError
 from app.imaging.eligibility import check_eligibility
 from app.imaging.heatmap import explained_label, select_map
 from app.imaging.prepare import prepare
@@ -72,6 +73,13 @@ def score_study(
         ds = dcmread(path)
         gate = check_eligibility(ds)
         status = InstanceStatus.SCORED if gate.eligible else InstanceStatus.INELIGIBLE
+        reason = None if gate.eligible else gate.reason
+        prepared = None
+        if gate.eligible:
+            try:
+                prepared = prepare(data, "application/dicom", card, 60_000_000)
+            except DecodeError as exc:
+                status, reason = InstanceStatus.UNDECODABLE, exc.detail
         outcomes.append(
             InstanceOutcome(
                 sop_instance_uid=ds.SOPInstanceUID,
@@ -79,12 +87,11 @@ def score_study(
                 sop_class_uid=ds.SOPClassUID,
                 path=path,
                 status=status,
-                reason=None if gate.eligible else gate.reason,
+                reason=reason,
                 pixel_hash=hashlib.sha256(ds.PixelData).hexdigest(),
             )
         )
-        if gate.eligible:
-            prepared = prepare(data, "application/dicom", card, 60_000_000)
+        if prepared is not None:
             out_logits, out_maps = runtime.run(prepared.model_input[None])
             logits.append(out_logits[0])
             maps.append(out_maps[0])

@@ -106,7 +106,6 @@ def build_sr(
 ) -> hd.sr.ComprehensiveSR:
     """The TID 1500 report of ``result`` (see the module docstring for its tree)."""
     scored = [headers[i.sop_instance_uid] for i in result.scored if i.sop_instance_uid in headers]
-    scored_uids = {str(ds.SOPInstanceUID) for ds in scored}
     reference = scored[0] if scored else next(iter(headers.values()))
     sop_uid = object_uid(result, "sr")
     algorithm = hd.sr.AlgorithmIdentification(
@@ -172,7 +171,10 @@ def build_sr(
     sr = hd.sr.ComprehensiveSR(
         # PS3.3 C.17.2.3: evidence is every instance of the requested procedure, not only
         # those scored; evidence[0] is where highdicom copies the Patient/Study modules from.
-        evidence=scored + [ds for uid, ds in headers.items() if uid not in scored_uids],
+        evidence=[
+            _constructible(reference),
+            *(ds for uid, ds in headers.items() if ds is not reference),
+        ],
         content=report,
         series_instance_uid=series_uid(result.study_instance_uid, "sr"),
         series_number=SR_SERIES_NUMBER,
@@ -286,7 +288,7 @@ def build_sc(
     scale = rgb.shape[0] / int(source.Rows)
     orientation = _patient_orientation(source)
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source,
+        ref_dataset=_constructible(source),
         pixel_array=rgb,
         photometric_interpretation="RGB",
         bits_allocated=8,
@@ -403,6 +405,33 @@ def _contributing_equipment(card: ModelCard) -> hd.ContributingEquipment:
         software_versions=[card.version[:64], f"cxr-triage {__version__}"],
         contribution_description=f"AI model {card.name} {card.version}. {STATEMENT}.",
     )
+
+
+# What highdicom's constructors read (and validate) from the source; the real values are copied
+# afterwards, element by element, whatever they hold.
+_CONSTRUCTOR_FIELDS = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+
+
+def _constructible(source: Dataset) -> Dataset:
+    """``source`` with the fields highdicom's constructors validate emptied: a modality's odd
+    value (a hashed birth date, PatientSex "U") must not cost the study its result."""
+    proxy = Dataset()
+    proxy.update(source)  # shares the source's elements: replace them, never assign into them
+    for keyword in _CONSTRUCTOR_FIELDS:
+        if keyword in proxy:
+            del proxy[keyword]
+        setattr(proxy, keyword, None)
+    return proxy
 
 
 def _copy_patient_and_study(target: hd.SOPClass, source: Dataset) -> None:
