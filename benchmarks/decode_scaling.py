@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         f"cell; request path prepare_input(keep_pixels=False) to {SPEC.height}x{SPEC.width}"
     )
 
-    results: dict[tuple[str, str, int], tuple[float, float]] = {}
+    results: dict[tuple[int, str, int], tuple[float, float]] = {}
     for mode in modes:
         for w in workers:
             pool: Executor | DecodeProcesses
@@ -131,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
                     return executor.submit(_prepare_in_worker, data, None, SPEC, MAX_PIXELS)
 
             try:
-                for name, encoding, data, _ in samples:
-                    results[name, mode, w] = measure(submit, data, w, args.seconds, pids)
+                for i, (_, encoding, data, _) in enumerate(samples):
+                    results[i, mode, w] = measure(submit, data, w, args.seconds, pids)
                     print(
                         f"  {mode:<9} {w:>2} workers  {encoding[:40]:<40} "
-                        f"{results[name, mode, w][0]:8.1f} img/s",
+                        f"{results[i, mode, w][0]:8.1f} img/s",
                         flush=True,
                     )
             finally:
@@ -149,12 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{'file':<30} {'encoding':<34}{head} "
         + "".join(f" {m[0]}cpu  {m[0]}x    {m[0]}est16 " for m in modes)
     )
-    for name, encoding, _, synthetic in samples:
-        cells = "".join(f" {results[name, m, w][0]:<7.1f}" for m in modes for w in workers)
+    for i, (name, encoding, _, synthetic) in enumerate(samples):
+        cells = "".join(f" {results[i, m, w][0]:<7.1f}" for m in modes for w in workers)
         extra = ""
         for m in modes:
-            r1, cpu1 = results[name, m, workers[0]]
-            rn = results[name, m, top][0]
+            r1, cpu1 = results[i, m, workers[0]]
+            rn = results[i, m, top][0]
             scale = rn / r1 if r1 else float("nan")
             n = top / workers[0]
             if n > 1:
