@@ -422,3 +422,27 @@ def test_real_chest_dicoms_get_results_with_their_modules_copied_as_they_are(
         sc = dcmread(objects["sc"].path, stop_before_pixels=True)
         scale = min(1.0, 2048 / max(source.Rows, source.Columns))
         assert (sc.Rows, sc.Columns) == (round(source.Rows * scale), round(source.Columns * scale))
+
+
+def test_non_ascii_patient_name_and_unusual_sex_are_copied_with_their_character_set(
+    runtime: ModelRuntime, pngs: list[Path], tmp_path: Path
+):
+    ds = make_dataset(
+        pngs[0], SpecificCharacterSet="ISO_IR 192", patient_name="Müller^Jürgen", sex="U"
+    )
+    result = score_study(store_study([ds], tmp_path / "in"), runtime)
+    objects = {o.kind: o for o in write_results(result, runtime.card, tmp_path / "out")}
+    for obj in objects.values():
+        copied = dcmread(obj.path)
+        assert copied.SpecificCharacterSet == "ISO_IR 192"
+        assert str(copied.PatientName) == "Müller^Jürgen" and copied.PatientSex == "U"
+    assert "Patient             : Müller^Jürgen (U" in _dsrdump_utf8(objects["sr"].path)
+
+
+def _dsrdump_utf8(path: Path) -> str:
+    exe = shutil.which("dsrdump")
+    if exe is None:
+        pytest.skip("DCMTK dsrdump not installed (apt-get install dcmtk)")
+    done = subprocess.run([exe, "+U8", str(path)], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.decode("utf-8")

@@ -431,6 +431,8 @@ def _constructible(source: Dataset) -> Dataset:
         if keyword in proxy:
             del proxy[keyword]
         setattr(proxy, keyword, None)
+    if "SpecificCharacterSet" in proxy:  # highdicom checks it against its list; set after
+        del proxy.SpecificCharacterSet
     return proxy
 
 
