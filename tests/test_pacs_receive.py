@@ -353,6 +353,33 @@ def test_dicom_tls(tmp_path: Path, tls_files: tuple[Path, Path], pngs: list[Path
         assert c_echo(tls_app.port) is None
 
 
+def test_dicom_mutual_tls(tmp_path: Path, tls_files: tuple[Path, Path]) -> None:
+    """With CXR_DICOM_TLS_CA, an SCU needs a certificate that CA signed (the self-signed test
+    certificate is its own CA, so it serves as the client's certificate too)."""
+    cert, key = tls_files
+    settings = pacs_settings(tmp_path, dicom_tls_cert=cert, dicom_tls_key=key, dicom_tls_ca=cert)
+    with running_app(settings) as tls_app:
+
+        def echo(with_certificate: bool) -> bool:
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+            if with_certificate:
+                context.load_cert_chain(str(cert), str(key))
+            ae = AE(ae_title="TESTSCU")
+            ae.acse_timeout = ae.network_timeout = 10
+            ae.add_requested_context(Verification)
+            assoc = ae.associate(
+                "127.0.0.1", tls_app.port, ae_title=AE_TITLE, tls_args=(context, "localhost")
+            )
+            if not assoc.is_established:
+                return False
+            ok = int(assoc.send_c_echo().Status) == 0x0000
+            assoc.release()
+            return ok
+
+        assert echo(with_certificate=True)
+        assert not echo(with_certificate=False)
+
+
 def test_bad_dataset_value_never_reaches_the_log(
     app: PacsApp, pngs: list[Path], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from app.api.schemas import Finding
 from app.labels import NO_FINDING
 from app.pacs.model import Priority, parse_priority_rules
+from app.pacs.service import priority_rules
 from app.pacs.triage import study_priority
 from app.settings import Settings
 from tests.dicom_factory import make_dataset, make_study, nih_pngs, to_bytes
@@ -157,6 +158,12 @@ def test_a_rule_for_a_label_the_model_lacks_stops_start_up(tmp_path: Path) -> No
     with pytest.raises(ValueError, match="not a model label"):  # noqa: SIM117
         with running_app(pacs_settings(tmp_path, priority_rules="Covid:diagnosis=STAT")):
             pass
+    # The default rules name NIH labels: a model with other labels runs without those rules.
+    other_labels = ["Covid", "Nodule", NO_FINDING]
+    kept = priority_rules(Settings(), other_labels)
+    assert [str(rule) for rule in kept] == ["*:diagnosis=HIGH"]
+    with pytest.raises(ValueError, match="not a model label"):
+        priority_rules(Settings(priority_rules="Pneumothorax:diagnosis=STAT"), other_labels)
 
 
 # ------------------------------------------------------------------------------ late, duplicate

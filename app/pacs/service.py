@@ -19,7 +19,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from app.inference.batcher import MicroBatcher
 from app.inference.runtime import ModelRuntime
 from app.ops.audit import AuditLog
-from app.pacs.model import ResultObject, StudyResult, parse_destinations, parse_priority_rules
+from app.pacs.model import (
+    ANY_FINDING,
+    PriorityRule,
+    ResultObject,
+    StudyResult,
+    parse_destinations,
+    parse_priority_rules,
+)
 from app.pacs.outbox import Outbox
 from app.pacs.results import write_results
 from app.pacs.scp import StoreSCP, server_ssl_context
@@ -93,6 +100,30 @@ class OutboxSink:
         return await asyncio.to_thread(self.outbox.deliveries, study_uid)
 
 
+def priority_rules(settings: Settings, labels: list[str]) -> list[PriorityRule]:
+    """The configured rules, checked against the model's labels.
+
+    A rule an operator wrote for a label the model lacks is an error. The default rules name
+    NIH labels; with a model trained on other labels those rules are left out (and logged)
+    rather than stopping a service nobody configured.
+    """
+    default = Settings.model_fields["priority_rules"].default
+    if settings.priority_rules != default:
+        return parse_priority_rules(settings.priority_rules, labels)
+    kept = [
+        rule
+        for rule in parse_priority_rules(settings.priority_rules, None)
+        if rule.label == ANY_FINDING or rule.label in labels
+    ]
+    dropped = len(parse_priority_rules(settings.priority_rules, None)) - len(kept)
+    if dropped:
+        logger.warning(
+            "default priority rules for labels this model lacks are off",
+            extra={"rules_dropped": dropped},
+        )
+    return kept
+
+
 class PacsService:
     """SCP thread + study assembler task + outbox, wired to the model's runtime and batcher."""
 
@@ -109,7 +140,7 @@ class PacsService:
     ) -> None:
         self.settings = settings
         # Both raise ValueError on a bad setting: start-up fails rather than triaging wrongly.
-        self.rules = parse_priority_rules(settings.priority_rules, runtime.card.labels)
+        self.rules = priority_rules(settings, runtime.card.labels)
         self.destinations = parse_destinations(settings.destinations)
         storage = Path(settings.pacs_storage_dir).resolve()
         self.outbox = Outbox(
