@@ -49,6 +49,8 @@ from app.imaging.decode import decode_image
 from app.pacs.model import Explained, InstanceOutcome, InstanceStatus, ResultObject, StudyResult
 
 logger = logging.getLogger(__name__)
+# highdicom narrates every module it copies at INFO; one result would be a dozen lines.
+logging.getLogger("highdicom").setLevel(logging.WARNING)
 
 MANUFACTURER = "cxr-triage"
 STATEMENT = "Unverified AI result, not for diagnostic use"
