@@ -175,7 +175,7 @@ def build_sr(
         # those scored; evidence[0] is where highdicom copies the Patient/Study modules from.
         evidence=[
             _constructible(reference),
-            *(ds for uid, ds in headers.items() if ds is not reference),
+            *(ds for ds in headers.values() if ds is not reference),
         ],
         content=report,
         series_instance_uid=series_uid(result.study_instance_uid, "sr"),
