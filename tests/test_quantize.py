@@ -99,3 +99,20 @@ def test_dynamic_int8_of_a_matmul_graph_keeps_the_contract(
     (logits8, heat8), (logits, heat) = runtime.run(x), reference.run(x)
     assert logits8.shape == logits.shape and heat8.shape == heat.shape
     assert np.abs(heat8 - heat).max() < 1e-6  # the heatmap path has no weight MatMul: float32
+
+
+def test_export_quantize_flag_writes_a_servable_int8_folder(
+    tiny_model_dir: Path, tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from training.cli import main
+
+    monkeypatch.setenv("CXR_DATA_DIR", str(data_dir))
+
+    out = tmp_path / "int8"
+    argv = ["export", "--model", str(tiny_model_dir), "--quantize", "int8"]
+    assert main([*argv, "--quantize-out", str(out), "--quantize-seconds", "0.2"]) == 0
+    card = ModelCard.load(out / "model_card.json")
+    assert card.export.precision == "int8" and card.export.quantization.method == "dynamic"
+    assert card.export.parity_images == 64  # the shared NIH images, no labels: no AUROC
+    assert card.export.quantization.mean_auroc_int8 is None
+    assert ModelRuntime.load(out, providers="cpu").card.onnx_sha256 == card.onnx_sha256
