@@ -221,5 +221,4 @@ class PacsService:
         if found is None:
             return None
         found["deliveries"] = await self.sink.deliveries(study_uid)
-        found["destinations"] = [d.label for d in self.destinations]
         return found

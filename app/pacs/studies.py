@@ -412,20 +412,22 @@ class StudyDB:
     # -- reading -------------------------------------------------------------------------------
 
     def study(self, study_uid: str) -> dict[str, Any] | None:
-        """The study's row and instances as plain data (for ``GET /v1/studies``)."""
-        snap = self.snapshot(study_uid)
-        if snap is None:
-            return None
-        row, _ = snap
-        instances = self._read(
-            "SELECT sop_instance_uid, status, reason, duplicates, model_version "
-            "FROM instances WHERE study_instance_uid = ? ORDER BY received, sop_instance_uid",
-            (study_uid,),
-        )
+        """The study's row and instances as plain data (for ``GET /v1/studies``), read under one
+        lock hold so a commit cannot land between the row and its instances."""
+        with self._lock:
+            rows = self._read("SELECT * FROM studies WHERE study_instance_uid = ?", (study_uid,))
+            if not rows:
+                return None
+            instances = self._read(
+                "SELECT sop_instance_uid, status, reason, duplicates, model_version "
+                "FROM instances WHERE study_instance_uid = ? ORDER BY received, sop_instance_uid",
+                (study_uid,),
+            )
+            latest = self.result_uids(study_uid, rows[0]["revision"])
         return {
-            "study": dict(row),
+            "study": dict(rows[0]),
             "instances": [dict(r) for r in instances],
-            "latest_results": self.result_uids(study_uid, row["revision"]),
+            "latest_results": latest,
         }
 
 
