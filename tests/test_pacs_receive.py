@@ -394,3 +394,14 @@ def test_bad_dataset_value_never_reaches_the_log(
         app.wait_study(ds.StudyInstanceUID, settled(), what="the study scored")
     for value in PATIENT_VALUES:
         assert value not in caplog.text
+
+
+def test_serve_refuses_several_workers_with_the_pacs_side_on(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One DICOM port, one study database, one outbox: two worker processes would race."""
+    from app.cli import main
+
+    monkeypatch.setenv("CXR_PACS_ENABLED", "true")
+    assert main(["serve", "--workers", "2", "--port", "0"]) == 2
+    assert "--workers 1" in capsys.readouterr().err
