@@ -232,12 +232,24 @@ class Server:
         raise TimeoutError(f"{self.name} not ready")
 
     def cpu_seconds(self) -> float:
-        """User + system CPU time of the server process so far (Linux; NaN elsewhere)."""
+        """User + system CPU time so far of the server process and its live children (decode
+        worker processes with CXR_DECODE_PROCESSES); Linux /proc, NaN elsewhere."""
+        total = 0.0
         try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            stats = [Path(f"/proc/{self.proc.pid}/stat").read_text()]
         except OSError:
             return float("nan")
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                text = stat.read_text()
+            except OSError:
+                continue
+            if int(text.rsplit(")", 1)[1].split()[1]) == self.proc.pid:
+                stats.append(text)
+        for text in stats:
+            fields = text.rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        return total / os.sysconf("SC_CLK_TCK")
 
     def metric(self, name: str) -> float:
         if self.name != "service":
