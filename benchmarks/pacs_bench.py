@@ -11,7 +11,9 @@ Studies are one-image PA studies built from the shared 1024 px NIH PNGs (fake pa
     the PACS path adds per study: storing the instance, the eligibility gate, writing the SR
     and the 1024 px SC, the outbox commit and the two C-STOREs back;
 (b) throughput: ``--studies`` studies sent back to back on ``--senders`` parallel associations;
-    studies per minute = studies / (last result received - first C-STORE sent).
+    studies per minute = studies / (last result received - first C-STORE sent);
+(c) CPU time (``time.process_time``, this process, median of 7) to build one study's SR and SC
+    with ``app.pacs.results``, the part of (a) that is ours rather than the network's.
 
 Figures are medians (p90 given too); a shared machine makes them noisy, so the command is
 printed with them and they belong in the docs only with it.
@@ -241,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             service.stop()
             receiver.stop()
 
+    sr_cpu, sc_cpu = result_cpu(files[0])
     added = [p - q for p, q in zip(pacs_s, predict_s, strict=True)]
     print(command)
     print(f"machine: {os.cpu_count()} CPUs; stable window {args.stable_s} s (subtracted below)")
@@ -258,7 +261,30 @@ def main(argv: list[str] | None = None) -> int:
         f"(b) {len(uids)} studies on {args.senders} associations: {elapsed:.1f} s until the last "
         f"SR+SC arrived = {len(uids) / elapsed * 60:.0f} studies/min"
     )
+    print(f"(c) CPU to build one study's SR {sr_cpu * 1000:.0f} ms, SC {sc_cpu * 1000:.0f} ms")
     return 0
+
+
+def result_cpu(data: bytes) -> tuple[float, float]:
+    """Median CPU seconds of build_sr and build_sc for one stored, scored study."""
+    from app.pacs.results import _read_headers, build_sc, build_sr
+    from tests.pacs_out_fixtures import default_runtime, score_study
+
+    runtime = default_runtime()
+    with tempfile.TemporaryDirectory(prefix="pacs-bench-cpu-") as tmp:
+        path = Path(tmp) / "study.dcm"
+        path.write_bytes(data)
+        result = score_study([path], runtime)
+        headers = _read_headers(result.instances)
+        sr, sc = [], []
+        for _ in range(7):
+            start = time.process_time()
+            build_sr(result, runtime.card, headers)
+            sr.append(time.process_time() - start)
+            start = time.process_time()
+            build_sc(result, runtime.card, headers)
+            sc.append(time.process_time() - start)
+    return statistics.median(sr), statistics.median(sc)
 
 
 if __name__ == "__main__":
