@@ -41,7 +41,7 @@ websockets_sync = pytest.importorskip("websockets.sync.client", reason="needs we
 CHROMIUM = os.environ.get("CXR_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 HOSPITAL_HOST = "cxr-triage.hospital.test"
 # Generous: only a hang reaches these (a busy 2-core machine renders Swagger UI in seconds).
-START_S = 60.0
+START_S = 120.0
 RENDER_S = 90.0
 CHROMIUM_FLAGS = (
     "--headless",
