@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -234,3 +236,29 @@ def test_sigterm_during_load_drains_and_exits_cleanly(
     draining = [json.loads(line) for line in log.splitlines() if "draining: refusing" in line]
     assert draining and draining[0]["in_flight"] >= 1, draining  # at least the held request
     assert '"drained"' in log and "Application shutdown complete" in log
+
+
+def test_outcomes_name_what_the_client_saw() -> None:
+    """The race's two ends as httpx reports them: a listener that accepts then closes without
+    an answer (what a closing uvicorn does to its backlog) is a reset; a port nothing listens on
+    (held bound here, so no one else can take it) is refused."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def accept_and_close() -> None:
+            conn, _ = listener.accept()
+            conn.recv(65536)
+            conn.close()
+
+        closer = threading.Thread(target=accept_and_close)
+        closer.start()
+        with pytest.raises(httpx.HTTPError) as reset:
+            httpx.get(f"http://127.0.0.1:{listener.getsockname()[1]}/readyz", timeout=STEP_S)
+        closer.join(STEP_S)
+    assert outcome_of(reset.value) == "reset", repr(reset.value)
+    with socket.socket() as bound_only:
+        bound_only.bind(("127.0.0.1", 0))
+        with pytest.raises(httpx.HTTPError) as refused:
+            httpx.get(f"http://127.0.0.1:{bound_only.getsockname()[1]}/readyz", timeout=STEP_S)
+    assert outcome_of(refused.value) == "refused", repr(refused.value)
