@@ -188,7 +188,9 @@ def test_delivers_every_object_once_to_each_destination_with_audit_and_metrics(
 
 
 def test_retries_with_capped_backoff_while_the_destination_is_down(
-    studies: list[tuple[str, list[ResultObject]]], tmp_path: Path
+    studies: list[tuple[str, list[ResultObject]]],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ):
     study_uid, objects = studies[0]
     port = free_port()  # nothing listens here until the fake PACS starts below
@@ -199,9 +201,11 @@ def test_retries_with_capped_backoff_while_the_destination_is_down(
     fake = FakePacs(port=port)
 
     def observe() -> bool:
-        for attempts, last, next_at in schedule(db):
+        """Sample the persisted schedule; done once every row has failed six times."""
+        rows = schedule(db)
+        for attempts, last, next_at in rows:
             seen.add((attempts, round(next_at - last, 6)))
-        return max((a for a, _ in seen), default=0) >= 6
+        return len(rows) == len(objects) and min(a for a, _, _ in rows) >= 6
 
     async def scenario() -> None:
         outbox = Outbox(db, [destination], registry=registry, base_delay_s=0.05, max_delay_s=0.2)
@@ -211,7 +215,7 @@ def test_retries_with_capped_backoff_while_the_destination_is_down(
             await until(observe, what="six failed attempts")
             assert set(states(outbox, study_uid)) == {"pending"}
             assert metric(registry, "cxr_outbox_depth", destination.label) == 2
-            assert metric(registry, "cxr_outbox_delivery_failures_total", destination.label) >= 6
+            assert metric(registry, "cxr_outbox_delivery_failures_total", destination.label) >= 12
             assert metric(registry, "cxr_outbox_oldest_pending_seconds", destination.label) > 0
             fake.start()  # the PACS comes back on its address
             await until(lambda: all_delivered(outbox, [study_uid]), what="delivery after outage")
@@ -220,13 +224,27 @@ def test_retries_with_capped_backoff_while_the_destination_is_down(
             await outbox.stop()
 
     try:
-        asyncio.run(scenario())
+        with caplog.at_level(logging.WARNING, logger="app.pacs.outbox"):
+            asyncio.run(scenario())
     finally:
         fake.stop()
-    # Each retry was scheduled base * 2**(attempts - 1) after the failure, capped at the max.
-    expected = {a: round(min(0.2, 0.05 * 2 ** (a - 1)), 6) for a, _ in seen}
-    assert all(delay == expected[a] for a, delay in seen), sorted(seen)
-    assert {0.05, 0.1, 0.2} <= {delay for _, delay in seen}
+
+    def backoff(attempts: int) -> float:
+        return round(min(0.2, 0.05 * 2 ** (attempts - 1)), 6)
+
+    # Every failed attempt of every object, in order: 0.05, 0.1, 0.2, 0.2, ... s to the next.
+    for obj in objects:
+        retries = [
+            (r.attempts, r.retry_in_s)
+            for r in caplog.records
+            if r.getMessage() == "delivery failed; will retry"
+            and r.sop_instance_uid == obj.sop_instance_uid
+        ]
+        assert [a for a, _ in retries] == list(range(1, len(retries) + 1))
+        assert len(retries) >= 6
+        assert [delay for _, delay in retries] == [backoff(a) for a, _ in retries]
+    # What was persisted (sampled while it ran) is that same schedule.
+    assert seen and all(delay == backoff(a) for a, delay in seen), sorted(seen)
     assert all(len(copies) == 1 for copies in fake.received.values())
     assert sorted(fake.received) == sorted(o.sop_instance_uid for o in objects)
 
