@@ -160,6 +160,7 @@ class FakePacs:
     ae_title: str = "FAKEPACS"
     port: int = 0
     status_for: Callable[[Dataset], int] = lambda ds: 0x0000
+    ssl_context: Any = None  # a server ssl.SSLContext: DICOM TLS
     received: dict[str, list[Dataset]] = field(default_factory=dict)
     calling_aes: list[str] = field(default_factory=list)
     _server: Any = None
@@ -170,7 +171,12 @@ class FakePacs:
         ae.supported_contexts = AllStoragePresentationContexts
         ae.add_supported_context(Verification)
         handlers = [(evt.EVT_C_STORE, self._on_store)]
-        self._server = ae.start_server(("127.0.0.1", self.port), block=False, evt_handlers=handlers)
+        self._server = ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=self.ssl_context,
+        )
         self.port = int(self._server.server_address[1])
         return self
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import ssl
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ from app.ops.audit import AuditLog, query
 from app.pacs.model import ResultObject, parse_destination
 from app.pacs.outbox import Outbox
 from app.pacs.results import write_results
-from app.pacs.send import stow_outcome
+from app.pacs.send import DimseSender, stow_outcome
 from tests.dicom_factory import (
     FAKE_ACCESSION,
     FAKE_PATIENT_ID,
@@ -507,3 +508,73 @@ def test_stow_rs_answers_per_ps3_18(status: int, body: Any, ok: bool, permanent:
     FailureReason says whether trying again can help), 409 none stored; 5xx/429 are transient."""
     outcome = stow_outcome(status, body, "1.2.3")
     assert (outcome.ok, outcome.permanent) == (ok, permanent), outcome.detail
+
+
+@pytest.fixture(scope="module")
+def tls_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, Path]:
+    """A PACS-side TLS context and its self-signed certificate (for 127.0.0.1)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "pacs.pem", folder / "pacs.key"
+    done = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=pacs", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    if done.returncode != 0:
+        pytest.skip("openssl could not make a test certificate")
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    return server, cert
+
+
+def test_c_store_over_dicom_tls_verifies_the_pacs(
+    studies: list[tuple[str, list[ResultObject]]],
+    tmp_path: Path,
+    tls_pair: tuple[ssl.SSLContext, Path],
+):
+    """The DIMSE sender over TLS (PS3.15 B.1) to a TLS-only PACS: delivered when it trusts the
+    PACS's certificate; not delivered (kept pending) in clear text or without that trust."""
+    server, cert = tls_pair
+    study_uid, objects = studies[1]
+    fake = FakePacs(ssl_context=server).start()
+    destination = parse_destination(fake.url)
+    trusted = ssl.create_default_context(cafile=str(cert))
+
+    def run(name: str, client: ssl.SSLContext | None) -> list[dict[str, Any]]:
+        async def scenario() -> list[dict[str, Any]]:
+            outbox = Outbox(
+                tmp_path / f"{name}.sqlite",
+                [destination],
+                sender_factory=lambda d: DimseSender(
+                    d, calling_ae_title="CXR_TRIAGE", timeout_s=10, ssl_context=client
+                ),
+            )
+            await outbox.start()
+            try:
+                outbox.enqueue(study_uid, objects)
+                await until(
+                    lambda: all(d["attempts"] >= 1 for d in outbox.deliveries(study_uid)),
+                    what=f"{name}: first attempt",
+                )
+                if client is trusted:
+                    await until(lambda: all_delivered(outbox, [study_uid]), what="TLS delivery")
+                return outbox.deliveries(study_uid)
+            finally:
+                await outbox.stop()
+
+        return asyncio.run(scenario())
+
+    try:
+        assert {d["delivery"] for d in run("clear", None)} == {"pending"}
+        assert {d["delivery"] for d in run("untrusted", ssl.create_default_context())} == {
+            "pending"
+        }
+        assert not fake.received
+        assert {d["delivery"] for d in run("tls", trusted)} == {"delivered"}
+    finally:
+        fake.stop()
+    assert sorted(fake.received) == sorted(o.sop_instance_uid for o in objects)
