@@ -237,6 +237,8 @@ class StudyDB:
                 "ON CONFLICT (study_instance_uid, sop_instance_uid) DO UPDATE SET "
                 "series_instance_uid = excluded.series_instance_uid, "
                 "sop_class_uid = excluded.sop_class_uid, path = excluded.path, "
+                "duplicates = CASE WHEN instances.pixel_hash = excluded.pixel_hash "
+                "THEN instances.duplicates ELSE 0 END, "
                 "pixel_hash = excluded.pixel_hash, status = excluded.status, reason = NULL, "
                 "model_version = NULL, received = excluded.received",
                 (
