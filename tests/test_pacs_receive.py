@@ -249,6 +249,7 @@ def test_stow_to_a_study_url_refuses_other_studies(app: PacsApp, pngs: list[Path
         ("application/dicom", 415),
         ('multipart/related; type="application/dicom+json"; boundary=x', 415),
         ('multipart/related; type="application/dicom"', 400),
+        ('multipart/related; type="application/dicom"; boundary=' + "b" * 300, 400),
         ("multipart/form-data; boundary=x", 415),
     ],
 )

@@ -23,7 +23,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydicom.dataset import Dataset
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from app.api.errors import request_id_of
@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 DICOM_JSON = "application/dicom+json"
 MAX_PARTS = 1000
+MAX_BOUNDARY = 70  # RFC 2046 5.1.1
 
 STOW_OPENAPI: dict[str, Any] = {
     "requestBody": {
@@ -111,6 +112,12 @@ def related_boundary(content_type: str) -> bytes:
         raise Problem(
             400, "The multipart/related Content-Type has no boundary.", slug="bad-request"
         )
+    if len(boundary) > MAX_BOUNDARY:
+        raise Problem(
+            400,
+            f"The multipart boundary is longer than {MAX_BOUNDARY} characters (RFC 2046).",
+            slug="bad-request",
+        )
     return boundary
 
 
@@ -146,23 +153,23 @@ async def read_parts(request: Request, boundary: bytes) -> list[_Part]:
         nonlocal finished
         finished = True
 
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": begin,
-            "on_header_field": header_field,
-            "on_header_value": header_value,
-            "on_header_end": header_end,
-            "on_part_data": part_data,
-            "on_end": end,
-        },
-        max_header_count=32,
-    )
     try:
+        parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": begin,
+                "on_header_field": header_field,
+                "on_header_value": header_value,
+                "on_header_end": header_end,
+                "on_part_data": part_data,
+                "on_end": end,
+            },
+            max_header_count=32,
+        )
         async for chunk in request.stream():
             parser.write(chunk)
         parser.finalize()
-    except MultipartParseError as exc:
+    except FormParserError as exc:
         raise Problem(
             400, f"The multipart/related body is malformed: {exc}", slug="bad-multipart"
         ) from None
