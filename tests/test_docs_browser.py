@@ -122,6 +122,11 @@ class Page:
             self.console_errors.append(
                 " ".join(str(a.get("value", a.get("description", ""))) for a in params["args"])
             )
+        elif method == "Runtime.exceptionThrown":
+            details = params["exceptionDetails"]
+            self.console_errors.append(
+                details.get("exception", {}).get("description") or details.get("text", "")
+            )
 
     def evaluate(self, expression: str) -> Any:
         result = self.send(
@@ -267,6 +272,7 @@ def assert_nothing_left_the_machine(page: Page) -> None:
     assert not outside, f"requests for other hosts were attempted: {outside}"
     assert not page.blocked, f"requests for other hosts were blocked: {page.blocked}"
     assert page.evaluate("window.__cspViolations") == []
+    assert not page.console_errors, page.console_errors  # a script the policy broke, say
 
 
 def test_every_openapi_reference_resolves() -> None:
