@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from pydantic import ValidationError
+from pydicom.uid import RLELossless
 
 from app.api.schemas import Finding
 from app.labels import NO_FINDING
@@ -28,6 +29,7 @@ from tests.pacs_in_fixtures import (
     pacs_settings,
     running_app,
     statuses,
+    stow_body,
 )
 from tests.pacs_out_fixtures import FakePacs
 
@@ -106,7 +108,8 @@ def test_pa_and_lateral(app: PacsApp, fake_pacs: FakePacs, pngs: list[Path]) -> 
         assert got["screening_positive"] is want["screening_positive"]
         assert got["diagnosis_positive"] is want["diagnosis_positive"]
     assert body["priority"] == expected_priority(single)
-    assert body["model"] == {"name": "default", "version": "0.1.0"}
+    card = app.client.app.state.runtime.card  # type: ignore[attr-defined]
+    assert body["model"] == {"name": card.name, "version": card.version}
     assert sorted(r["kind"] for r in body["results"]) == ["sc", "sr"]
     assert {r["destination"] for r in body["results"]} == {fake_pacs.url}
     sent = received_for(fake_pacs, pa.StudyInstanceUID)
@@ -231,6 +234,25 @@ def test_a_resent_image_is_a_duplicate(app: PacsApp, fake_pacs: FakePacs, pngs: 
     after = app.metric("cxr_pacs_instances_received_total", source="c-store", outcome="duplicate")
     assert after == before + 1
     assert len(body["results"]) == 2
+    assert len(received_for(fake_pacs, pa.StudyInstanceUID)) == 2
+
+
+def test_the_same_image_in_another_lossless_syntax_sends_nothing_new(
+    app: PacsApp, fake_pacs: FakePacs, pngs: list[Path]
+) -> None:
+    """Resent transcoded (a router's choice), the encoded pixels differ but the image does not:
+    the study is looked at again, and its result stands."""
+    pa = make_dataset(pngs[15])
+    assert c_store(app.port, [pa]) == [0]
+    app.wait_study(pa.StudyInstanceUID, delivered(2), what="revision 1")
+    body, content_type = stow_body([to_bytes(pa, RLELossless)])
+    response = app.client.post(
+        "/dicomweb/studies", content=body, headers={**AUTH, "Content-Type": content_type}
+    )
+    assert response.status_code == 200, response.text
+    assert app.study(pa.StudyInstanceUID)["state"] == "receiving"  # type: ignore[index]
+    again = app.wait_study(pa.StudyInstanceUID, delivered(2), what="looked at again")
+    assert statuses(again) == {pa.SOPInstanceUID: "scored"}
     assert len(received_for(fake_pacs, pa.StudyInstanceUID)) == 2
 
 

@@ -68,7 +68,7 @@ CREATE TABLE IF NOT EXISTS studies (
     model_version      TEXT,
     findings           TEXT,                     -- JSON list of Finding
     triage             TEXT,                     -- JSON Triage
-    scored_inputs      TEXT,                     -- JSON [[sop, pixel_hash], ...] of the revision
+    scored_inputs      TEXT,                     -- JSON [[sop, decoded hash], ...] of the revision
     enqueue_pending    INTEGER,                  -- revision written but not yet in the outbox
     first_received     TEXT NOT NULL,
     updated            TEXT NOT NULL
@@ -119,6 +119,9 @@ class Scored:
     explained: Explained | None
     model_name: str
     model_version: str
+    # SOP Instance UID -> SHA-256 of the decoded image, for each scored instance: the same
+    # pixels resent in another (lossless) transfer syntax hash the same here.
+    decoded_hashes: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class Scorer(Protocol):
@@ -736,7 +739,7 @@ class StudyAssembler:
             return
         self._deferrals.pop(study_uid, None)
         inputs = sorted(
-            [i.sop_instance_uid, i.pixel_hash]
+            [i.sop_instance_uid, scored.decoded_hashes.get(i.sop_instance_uid, i.pixel_hash)]
             for i in scored.instances
             if i.status is InstanceStatus.SCORED
         )
@@ -750,8 +753,8 @@ class StudyAssembler:
         if current is not None and current[0]["generation"] != generation:
             return  # a newer instance arrived while scoring: its own run comes next
         if unchanged:
-            # Late instances that change nothing scored (a lateral, a resend under a new
-            # transfer syntax...) are listed, but the result stands: no new SR/SC.
+            # Late instances that change nothing scored (a lateral, the same image resent in
+            # another lossless transfer syntax) are listed, but the result stands: no new SR/SC.
             await asyncio.to_thread(self.db.commit, study_uid, generation, scored, inputs, None, [])
             self._scored(None, started)
             return

@@ -9,6 +9,7 @@ findings are exactly :func:`app.inference.scoring.score` of the strongest eviden
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from app.api.schemas import Finding, Triage
 from app.card import ModelCard
 from app.imaging.eligibility import check_eligibility
 from app.imaging.heatmap import explained_label, select_map
-from app.imaging.prepare import Prepared, prepare
+from app.imaging.prepare import prepare
 from app.inference.batcher import MicroBatcher, NotAccepting, QueueFull
 from app.inference.runtime import ModelRuntime
 from app.inference.scoring import score
@@ -65,6 +66,7 @@ class _Scored:
     outcome: InstanceOutcome
     logits: np.ndarray
     heatmap: np.ndarray
+    decoded_hash: str
 
 
 class StudyScorer:
@@ -143,6 +145,7 @@ class StudyScorer:
             explained=explained,
             model_name=card.name,
             model_version=card.version,
+            decoded_hashes={s.outcome.sop_instance_uid: s.decoded_hash for s in scored},
         )
 
     async def _one(
@@ -172,6 +175,7 @@ class StudyScorer:
             replace(instance, status=InstanceStatus.SCORED, reason=None),
             result.logits,
             result.heatmap,
+            prepared.decoded_hash,
         )
 
 
@@ -182,9 +186,20 @@ def _read_header(path: Path) -> pydicom.Dataset | None:
         return None
 
 
-def _prepare_file(path: Path, card: ModelCard, max_pixels: int) -> Prepared:
+@dataclass(frozen=True)
+class _Prepared:
+    model_input: np.ndarray
+    decoded_hash: str
+
+
+def _prepare_file(path: Path, card: ModelCard, max_pixels: int) -> _Prepared:
+    """Decode and preprocess a stored file; hash the decoded image (transfer-syntax free)."""
     try:
         data = path.read_bytes()
     except OSError:
         raise Problem(422, "The stored file cannot be read.", slug="undecodable-image") from None
-    return prepare(data, "application/dicom", card, max_pixels)
+    prepared = prepare(data, "application/dicom", card, max_pixels)
+    pixels = np.ascontiguousarray(prepared.decoded.pixels)
+    digest = hashlib.sha256(f"{pixels.shape}{pixels.dtype}".encode())
+    digest.update(memoryview(pixels).cast("B"))
+    return _Prepared(prepared.model_input, digest.hexdigest())
