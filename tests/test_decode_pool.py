@@ -147,3 +147,26 @@ def test_reduced_jpeg2000_dicom_skips_a_wavelet_level_and_stays_close(
     assert reduced.warnings == full.warnings
     a, b = to_model_input(full.pixels, SPEC), to_model_input(reduced.pixels, SPEC)
     assert float(np.abs(a - b).mean()) < 4 / 255  # under one grey level of 255 on average
+
+
+def test_asking_for_a_heatmap_never_changes_the_probabilities_unless_reduced_decode_is_on(
+    nih_dir: Path,
+) -> None:
+    png = next(iter(sorted((nih_dir / "images" / "nih-1024").glob("*.png"))))
+    gray = np.asarray(Image.open(png).convert("L"))
+    data = _jpeg(np.asarray(Image.fromarray(gray).resize((2048, 2048), Image.Resampling.BICUBIC)))
+    probs = {}
+    for reduced in (False, True):
+        settings = Settings(reduced_decode=reduced, audit_db=None, api_keys=None)
+        with TestClient(create_app(settings)) as client:
+            for heat in ("false", "true"):
+                r = client.post(
+                    f"/predict?heatmap={heat}", files={"file": ("x.jpg", data, "image/jpeg")}
+                )
+                assert r.status_code == 200, r.text
+                probs[reduced, heat] = np.array([f["probability"] for f in r.json()["findings"]])
+    np.testing.assert_array_equal(probs[False, "false"], probs[False, "true"])
+    np.testing.assert_array_equal(probs[True, "true"], probs[False, "true"])  # overlay: full decode
+    # Reduced (libjpeg 1/8 scaling for the 64 px default model): close, not identical.
+    assert not np.array_equal(probs[True, "false"], probs[False, "false"])
+    assert np.abs(probs[True, "false"] - probs[False, "false"]).max() < 0.02

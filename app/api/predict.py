@@ -217,11 +217,14 @@ async def predict(
         audit.note_model(card.name, card.version)
     with batcher.admit() as slot:
         processes: DecodeProcesses | None = request.app.state.decode_processes
+        reduce = settings.reduced_decode
         if processes is not None and not want_heatmap:
-            prepared = await processes.prepare(data, hint, card.input, settings.max_pixels)
+            prepared = await processes.prepare(
+                data, hint, card.input, settings.max_pixels, reduce=reduce
+            )
         else:
             # Full-size pixels only for the overlay; without it the codec may decode reduced.
-            decode = partial(prepare, keep_pixels=want_heatmap)
+            decode = partial(prepare, keep_pixels=want_heatmap, reduce=reduce)
             prepared = await loop.run_in_executor(
                 pool, decode, data, hint, card, settings.max_pixels
             )

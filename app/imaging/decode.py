@@ -559,7 +559,8 @@ def _reduced_frame(ds: Dataset, tsyntax: UID, reduce_to: tuple[int, int]) -> np.
     pylibjpeg-openjpeg 2.6 has no such option), about 4x faster per level on a 2k lossless
     frame. Pillow scales samples to 16 bits; shifting back gives pylibjpeg's values exactly at
     full resolution. Baseline JPEG: libjpeg's DCT scaling (``draft``). Only unsigned, unpadded
-    frames: a padding value blended into its neighbours would no longer be recognised.
+    frames with a window or VOI LUT: a padding value blended into its neighbours would no longer
+    be recognised, and a min-max window over a smoothed image would stretch its contrast.
     """
     rows, cols = _int(ds, "Rows") or 0, _int(ds, "Columns") or 0
     need = REDUCE_GAP * max(reduce_to)
@@ -572,6 +573,7 @@ def _reduced_frame(ds: Dataset, tsyntax: UID, reduce_to: tuple[int, int]) -> np.
         or not (is_j2k or tsyntax == JPEGBaseline8Bit)
         or _int(ds, "PixelRepresentation")
         or "PixelPaddingValue" in ds
+        or not ("WindowCenter" in ds or ds.get("VOILUTSequence"))
     ):
         return None
     try:

@@ -64,14 +64,19 @@ def prepare(
     max_pixels: int,
     *,
     keep_pixels: bool = True,
+    reduce: bool = False,
 ) -> Prepared:
     """Decode and preprocess one upload (runs in the decode pool, off the event loop).
 
-    ``keep_pixels=False`` (no heatmap overlay, no secondary capture to draw) lets the codec
-    decode straight towards the model's size where it can (JPEG draft mode; see
-    :func:`~app.imaging.decode.decode_image`'s ``reduce_to``) and drops the full-size pixels.
+    ``keep_pixels=False`` (no heatmap overlay, no secondary capture to draw) drops the full-size
+    pixels; with ``reduce`` as well, the codec decodes straight towards the model's size where
+    it can (JPEG draft, JPEG 2000 resolution levels: :func:`~app.imaging.decode.decode_image`'s
+    ``reduce_to``). Reduced decodes are faster but not identical: probabilities move a little
+    (``CXR_REDUCED_DECODE``, off by default).
     """
-    return prepare_input(data, content_type, card.input, max_pixels, keep_pixels=keep_pixels)
+    return prepare_input(
+        data, content_type, card.input, max_pixels, keep_pixels=keep_pixels, reduce=reduce
+    )
 
 
 def prepare_input(
@@ -81,10 +86,11 @@ def prepare_input(
     max_pixels: int,
     *,
     keep_pixels: bool = True,
+    reduce: bool = False,
 ) -> Prepared:
     """:func:`prepare` given the card's input spec only (what a worker process is sent)."""
     start = time.perf_counter()
-    reduce_to = None if keep_pixels else (spec.height, spec.width)
+    reduce_to = (spec.height, spec.width) if reduce and not keep_pixels else None
     try:
         decoded = decode_image(
             data, content_type=content_type, max_pixels=max_pixels, reduce_to=reduce_to
@@ -146,10 +152,12 @@ class _Refused:
 
 
 def _prepare_in_worker(
-    data: bytes, content_type: str | None, spec: InputSpec, max_pixels: int
+    data: bytes, content_type: str | None, spec: InputSpec, max_pixels: int, reduce: bool = False
 ) -> Prepared | _Refused:
     try:
-        return prepare_input(data, content_type, spec, max_pixels, keep_pixels=False)
+        return prepare_input(
+            data, content_type, spec, max_pixels, keep_pixels=False, reduce=reduce
+        )
     except Problem as exc:
         return _Refused(type(exc), dict(exc.__dict__))
 
@@ -184,14 +192,20 @@ class DecodeProcesses:
         return [f.result() for f in futures]
 
     async def prepare(
-        self, data: bytes, content_type: str | None, spec: InputSpec, max_pixels: int
+        self,
+        data: bytes,
+        content_type: str | None,
+        spec: InputSpec,
+        max_pixels: int,
+        *,
+        reduce: bool = False,
     ) -> Prepared:
         """:func:`prepare_input` with ``keep_pixels=False`` in a worker process."""
         loop = asyncio.get_running_loop()
         executor = self._executor
         try:
             out = await loop.run_in_executor(
-                executor, _prepare_in_worker, data, content_type, spec, max_pixels
+                executor, _prepare_in_worker, data, content_type, spec, max_pixels, reduce
             )
         except BrokenProcessPool:
             self._replace(executor)
