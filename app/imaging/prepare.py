@@ -155,9 +155,7 @@ def _prepare_in_worker(
     data: bytes, content_type: str | None, spec: InputSpec, max_pixels: int, reduce: bool = False
 ) -> Prepared | _Refused:
     try:
-        return prepare_input(
-            data, content_type, spec, max_pixels, keep_pixels=False, reduce=reduce
-        )
+        return prepare_input(data, content_type, spec, max_pixels, keep_pixels=False, reduce=reduce)
     except Problem as exc:
         return _Refused(type(exc), dict(exc.__dict__))
 
