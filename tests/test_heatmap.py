@@ -252,7 +252,7 @@ def _post(client: TestClient, data: bytes, heatmap: str) -> dict:
 def test_shipped_model_declares_per_label_maps_of_at_least_8x8(bundled) -> None:
     client, card = bundled
     assert card.heatmap_shape == "per_label" and card.heatmap_method == "cam"
-    grid = client.get("/v1/model").json()["heatmap_grid"]
+    grid = client.get("/v1/model").json()["runtime"]["heatmap_grid"]
     assert min(grid) >= 8
 
 
