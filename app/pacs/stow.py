@@ -35,7 +35,9 @@ logger = logging.getLogger(__name__)
 
 DICOM_JSON = "application/dicom+json"
 MAX_PARTS = 1000
-MAX_BOUNDARY = 70  # RFC 2046 5.1.1
+# RFC 2046 5.1.1 says 70, but Orthanc's STOW-RS client sends longer ones: take what the
+# multipart parser can (256) and refuse the rest with a 400 rather than its exception.
+MAX_BOUNDARY = 256
 
 STOW_OPENAPI: dict[str, Any] = {
     "requestBody": {
@@ -115,7 +117,7 @@ def related_boundary(content_type: str) -> bytes:
     if len(boundary) > MAX_BOUNDARY:
         raise Problem(
             400,
-            f"The multipart boundary is longer than {MAX_BOUNDARY} characters (RFC 2046).",
+            f"The multipart boundary is longer than {MAX_BOUNDARY} characters.",
             slug="bad-request",
         )
     return boundary
