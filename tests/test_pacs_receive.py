@@ -20,7 +20,14 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from app.pacs.store import safe_name
 from tests.contract import BROKEN_DICOM
-from tests.dicom_factory import CT_IMAGE, make_dataset, make_study, nih_pngs, to_bytes
+from tests.dicom_factory import (
+    CT_IMAGE,
+    DX_FOR_PROCESSING,
+    make_dataset,
+    make_study,
+    nih_pngs,
+    to_bytes,
+)
 from tests.pacs_in_fixtures import (
     AE_TITLE,
     AUTH,
@@ -136,16 +143,24 @@ def test_every_storage_class_is_stored_and_non_radiographs_listed_ineligible(
     pa, lateral = make_study(pngs[1:3], views=("PA", "LL"))
     ct = make_dataset(pngs[3], modality="CT", study_uid=pa.StudyInstanceUID, view_position=None)
     assert ct.SOPClassUID == CT_IMAGE
-    assert c_store(app.port, [pa, lateral, ct]) == [0x0000] * 3
+    raw = make_dataset(
+        pngs[3],
+        study_uid=pa.StudyInstanceUID,
+        sop_class=DX_FOR_PROCESSING,
+        presentation_intent="FOR PROCESSING",
+    )
+    assert c_store(app.port, [pa, lateral, ct, raw]) == [0x0000] * 4
     body = app.wait_study(pa.StudyInstanceUID, settled(), what="the study to be scored")
     assert statuses(body) == {
         pa.SOPInstanceUID: "scored",
         lateral.SOPInstanceUID: "ineligible",
         ct.SOPInstanceUID: "ineligible",
+        raw.SOPInstanceUID: "ineligible",
     }
     reasons = {i["sop_instance_uid"]: i["reason"] for i in body["instances"]}
     assert reasons[lateral.SOPInstanceUID] == "ViewPosition LL is not frontal"
     assert "SOPClassUID" in reasons[ct.SOPInstanceUID]
+    assert "raw detector data" in reasons[raw.SOPInstanceUID]
     assert reasons[pa.SOPInstanceUID] is None
 
 
