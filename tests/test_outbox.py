@@ -348,7 +348,9 @@ def test_destination_killed_mid_delivery_then_service_restarted_delivers_exactly
     db = tmp_path / "outbox.sqlite"
 
     async def scenario() -> None:
-        outbox = Outbox(db, [destination], base_delay_s=0.05, max_delay_s=0.2)
+        # A DIMSE timeout past the 60 s deadline below: had the sender waited on the dropped
+        # association instead of noticing the drop, the failed attempt would not be recorded.
+        outbox = Outbox(db, [destination], base_delay_s=0.05, max_delay_s=0.2, timeout_s=120)
         await outbox.start()
         try:
             await until(lambda: dimse_echo(port, "FLAKYPACS"), what="the flaky PACS to listen")

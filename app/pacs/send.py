@@ -155,22 +155,25 @@ class DimseSender:
                         False, "association ended before this object", tried=False
                     )
                     continue
-                outcomes[index] = self._store_one(assoc, ds)
-                dropped = not assoc.is_established
+                outcomes[index], answered = self._store_one(assoc, ds)
+                # No answer means the association is gone, even while pynetdicom still
+                # reports it established for a moment.
+                dropped = not answered or not assoc.is_established
         finally:
             if assoc.is_established:
                 assoc.release()
         return outcomes
 
     @staticmethod
-    def _store_one(assoc: Any, ds: Dataset) -> SendOutcome:
+    def _store_one(assoc: Any, ds: Dataset) -> tuple[SendOutcome, bool]:
+        """The outcome, and whether the peer answered at all."""
         try:
             status = assoc.send_c_store(ds)
         except ValueError as exc:  # no accepted presentation context for this SOP class
-            return SendOutcome(False, f"not accepted by the destination ({exc})", True)
+            return SendOutcome(False, f"not accepted by the destination ({exc})", True), True
         except (RuntimeError, OSError) as exc:
-            return SendOutcome(False, f"C-STORE failed ({type(exc).__name__})")
-        return dimse_outcome(status)
+            return SendOutcome(False, f"C-STORE failed ({type(exc).__name__})"), False
+        return dimse_outcome(status), "Status" in status
 
 
 def dimse_outcome(status: Dataset) -> SendOutcome:
