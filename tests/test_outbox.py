@@ -26,11 +26,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pydicom import dcmread
 
+from app.card import ModelCard
 from app.ops.audit import AuditLog, query
 from app.pacs.model import ResultObject, parse_destination
 from app.pacs.outbox import Outbox
 from app.pacs.results import write_results
 from app.pacs.send import DimseSender, stow_outcome
+from app.settings import DEFAULT_MODEL_DIR
 from tests.dicom_factory import (
     FAKE_ACCESSION,
     FAKE_PATIENT_ID,
@@ -177,7 +179,8 @@ def test_delivers_every_object_once_to_each_destination_with_audit_and_metrics(
             for d in destinations
         )
         assert {r["outcome"] for r in rows} == {"delivered"}
-        assert {(r["model_name"], r["model_version"]) for r in rows} == {("default", "0.1.0")}
+        card = ModelCard.load(DEFAULT_MODEL_DIR / "model_card.json")
+        assert {(r["model_name"], r["model_version"]) for r in rows} == {(card.name, card.version)}
     finally:
         audit.close()
         fake.stop()
