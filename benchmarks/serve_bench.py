@@ -200,7 +200,7 @@ class Server:
         self.port = free_port()
         cache = REPO / "benchmarks" / "cache"
         cache.mkdir(parents=True, exist_ok=True)
-        if name == "service":
+        if name.startswith("service"):
             argv = ["-m", "app.cli", "serve", "--model-dir", str(model_dir)]
             argv += ["--log-level", "warning"]
         else:
@@ -252,7 +252,7 @@ class Server:
         return total / os.sysconf("SC_CLK_TCK")
 
     def metric(self, name: str) -> float:
-        if self.name != "service":
+        if not self.name.startswith("service"):
             return 0.0
         _, body = request(self.port, "GET", "/metrics")
         for line in body.decode().splitlines():
@@ -457,6 +457,14 @@ def main(argv: list[str] | None = None) -> int:
         metavar="CXR_X=V",
         help="extra environment for the service (repeatable), e.g. CXR_DECODE_WORKERS=1",
     )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME:CXR_X=V[,CXR_Y=W]",
+        help="also run the service as service-NAME with this extra environment (repeatable), "
+        "for a same-run A/B of a knob, e.g. dw1:CXR_DECODE_WORKERS=1",
+    )
     p.add_argument("--skip-decode", action="store_true")
     args = p.parse_args(argv)
     rounds = args.rounds or (2 if args.quick else 3)
@@ -466,6 +474,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(names) - set(SERVERS))
     if unknown:
         p.error(f"unknown servers {unknown}; choose from {SERVERS}")
+    variants: dict[str, dict[str, str]] = {}
+    for spec in args.variant:
+        label, _, pairs = spec.partition(":")
+        variants[f"service-{label}"] = dict(kv.split("=", 1) for kv in pairs.split(",") if kv)
+    names += list(variants)
 
     folder = args.model_dir or build_vit_b16(args.cache)
     pngs = sorted((DATA_DIR / "nih" / "images" / "nih-1024").glob("*.png"))[: args.images]
@@ -518,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     loads: dict[tuple[str, int], list[Load]] = {(n, c): [] for n in names for c in levels}
     try:
         for name in names:
-            servers[name] = Server(name, folder, args.threads, env)
+            servers[name] = Server(name, folder, args.threads, {**env, **variants.get(name, {})})
         for server in servers.values():
             server.wait_ready()
             run_load(server, bodies, 2, 0.0, 4)  # warm connections, pools, allocator
