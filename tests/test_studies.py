@@ -28,6 +28,7 @@ from tests.pacs_in_fixtures import (
     c_store,
     pacs_settings,
     running_app,
+    settled,
     statuses,
     stow_body,
 )
@@ -319,3 +320,41 @@ def test_stored_but_unscored_instances_are_scored_after_a_restart(
             lateral.SOPInstanceUID: "ineligible",
         }
     assert len(received_for(fake_pacs, pa.StudyInstanceUID)) == 2
+
+
+def test_a_failed_study_is_shown_and_retried_by_the_operator_command(
+    tmp_path: Path,
+    fake_pacs: FakePacs,
+    pngs: list[Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A stored file lost before scoring (a disk cleanup) makes the study fail, visibly; once
+    the file is back, ``python -m app.pacs.studies retry-failed`` has it scored and delivered."""
+    import json
+
+    from app.pacs.studies import main as studies_main
+
+    pa = make_dataset(pngs[16])
+    first = pacs_settings(tmp_path, destinations=fake_pacs.url, study_stable_s=3600.0)
+    with running_app(first) as running:
+        assert c_store(running.port, [pa]) == [0]
+    stored = next((tmp_path / "pacs" / "instances").rglob(f"{pa.SOPInstanceUID}.dcm"))
+    kept = stored.read_bytes()
+    stored.unlink()
+    second = first.model_copy(update={"study_stable_s": 0.2})
+    with running_app(second) as running:
+        body = running.wait_study(pa.StudyInstanceUID, settled(("failed",)), what="failed")
+        assert statuses(body) == {pa.SOPInstanceUID: "undecodable"}
+    db = str(first.studies_db)
+    assert studies_main(["--db", db, "status"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["studies"].get("failed") == 1
+    assert [f["study_instance_uid"] for f in status["failed"]] == [pa.StudyInstanceUID]
+    stored.write_bytes(kept)
+    assert studies_main(["--db", db, "retry-failed", "--study", pa.StudyInstanceUID]) == 0
+    assert "re-queued 1" in capsys.readouterr().out
+    assert studies_main(["--db", db, "status"]) == 0
+    assert json.loads(capsys.readouterr().out)["failed"] == []
+    with running_app(second) as running:
+        body = running.wait_study(pa.StudyInstanceUID, delivered(2), what="delivered after retry")
+        assert statuses(body) == {pa.SOPInstanceUID: "scored"}

@@ -102,6 +102,9 @@ CREATE INDEX IF NOT EXISTS results_study ON results (study_instance_uid);
 _FINAL = (InstanceStatus.SCORED, InstanceStatus.INELIGIBLE, InstanceStatus.UNDECODABLE)
 MAX_ATTEMPTS = 5
 _RETRY_CAP_S = 60.0
+# The scheduler also looks every POLL_S, so a study re-queued from another process
+# (``python -m app.pacs.studies retry-failed``) is picked up without a restart.
+POLL_S = 30.0
 
 
 class ScoringDeferred(Exception):
@@ -407,6 +410,32 @@ class StudyDB:
                 (study_uid, revision),
             )
 
+    def counts(self) -> dict[str, int]:
+        """Studies per state."""
+        rows = self._read("SELECT state, count(*) FROM studies GROUP BY state")
+        return {r[0]: int(r[1]) for r in rows}
+
+    def failed(self) -> list[dict[str, Any]]:
+        """The studies scoring gave up on or is retrying (UIDs and times only)."""
+        rows = self._read(
+            "SELECT study_instance_uid, attempts, due, updated FROM studies "
+            "WHERE state = 'failed' ORDER BY updated"
+        )
+        return [dict(r) for r in rows]
+
+    def retry_failed(self, study_uid: str | None = None) -> int:
+        """Failed studies due now with a fresh attempt count; returns how many."""
+        sql = (
+            "UPDATE studies SET state = 'receiving', due = ?, attempts = 0, updated = ? "
+            "WHERE state = 'failed'"
+        )
+        params: list[Any] = [time.time(), utc_now()]
+        if study_uid is not None:
+            sql += " AND study_instance_uid = ?"
+            params.append(study_uid)
+        with self._tx() as conn:
+            return conn.execute(sql, params).rowcount
+
     def pending_enqueues(self) -> list[tuple[str, int]]:
         rows = self._read(
             "SELECT study_instance_uid, enqueue_pending FROM studies "
@@ -682,7 +711,7 @@ class StudyAssembler:
                 job = asyncio.create_task(self._score_job(study_uid), name="cxr-study-score")
                 self._jobs.add(job)
                 job.add_done_callback(self._job_done(study_uid))
-            timeout = None if next_due is None else max(0.0, next_due - time.time())
+            timeout = POLL_S if next_due is None else min(POLL_S, max(0.0, next_due - time.time()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
 
@@ -831,3 +860,40 @@ def _slug(receipt: Receipt) -> str:
     if receipt.outcome in ("duplicate", "own-result"):
         return receipt.outcome
     return f"dimse-status-{receipt.status:04x}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m app.pacs.studies status | retry-failed``: the study state of a running (or
+    stopped) service; a running service picks re-queued studies up within ``POLL_S``."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m app.pacs.studies", description=main.__doc__)
+    parser.add_argument("--db", type=Path, help="study database (default: beside CXR_OUTBOX_DB)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("status", help="studies per state and the failed ones, as JSON")
+    retry = sub.add_parser("retry-failed", help="score failed studies again")
+    retry.add_argument("--study", metavar="UID", help="only this StudyInstanceUID")
+    args = parser.parse_args(argv)
+    db_path = args.db
+    if db_path is None:
+        from app.settings import Settings
+
+        db_path = Settings().studies_db
+    if not Path(db_path).is_file():
+        print(f"no study database at {db_path}", file=sys.stderr)
+        return 1
+    db = StudyDB(db_path)
+    db.open()
+    try:
+        if args.command == "status":
+            print(json.dumps({"studies": db.counts(), "failed": db.failed()}, indent=2))
+        else:
+            print(f"re-queued {db.retry_failed(args.study)} study(ies)")
+    finally:
+        db.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
