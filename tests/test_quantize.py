@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
 
@@ -116,3 +117,24 @@ def test_export_quantize_flag_writes_a_servable_int8_folder(
     assert card.export.parity_images == 64  # the shared NIH images, no labels: no AUROC
     assert card.export.quantization.mean_auroc_int8 is None
     assert ModelRuntime.load(out, providers="cpu").card.onnx_sha256 == card.onnx_sha256
+
+
+def test_dynamic_int8_of_an_ensemble_with_shared_classifier_weights_loads(tmp_path: Path) -> None:
+    """The bundled ensemble's classifier weights feed both the logits Gemm and the CAM Einsum;
+    ONNX Runtime's dynamic quantiser transposes a Gemm weight in place, which without
+    ``unshare_weights`` left the Einsum a [128, 15] weight and the graph failed to load."""
+    from training.quantize import quantize_graph
+
+    src = DEFAULT_MODEL_DIR / "model.onnx"
+    dst = tmp_path / "model.onnx"
+    quantize_graph(src, dst, "dynamic", None)
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    fp32 = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    int8 = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    (logits, heat), (logits8, heat8) = (
+        fp32.run(None, {"pixel_values": x}),
+        int8.run(None, {"pixel_values": x}),
+    )
+    assert INT8_OPS & {n.op_type for n in onnx.load(str(dst)).graph.node}
+    assert heat8.shape == heat.shape and logits8.shape == logits.shape
+    assert np.abs(logits8 - logits).max() < 0.5

@@ -51,10 +51,51 @@ class Images:
     targets: np.ndarray | None = None
 
 
+QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
+
+
 def pick_method(model: onnx.ModelProto) -> Literal["dynamic", "static"]:
-    """``static`` when the graph is mostly convolutions, ``dynamic`` otherwise (transformers)."""
-    ops = [node.op_type for node in model.graph.node]
-    return "static" if ops.count("Conv") > ops.count("MatMul") else "dynamic"
+    """``static`` when most weights sit in convolutions, ``dynamic`` otherwise (transformers).
+
+    Weights, not node counts: a ViT member has many small MatMuls, so a fold ensemble of CNN
+    and ViT members counts more MatMul nodes while its convolutions hold most of the weights.
+    """
+    sizes = {init.name: int(np.prod(init.dims)) for init in model.graph.initializer}
+    weights = {op: 0 for op in QUANTIZED_OPS}
+    for node in model.graph.node:
+        if node.op_type in weights and len(node.input) > 1:
+            weights[node.op_type] += sizes.get(node.input[1], 0)
+    return "static" if weights["Conv"] > weights["MatMul"] + weights["Gemm"] else "dynamic"
+
+
+def unshare_weights(model: onnx.ModelProto) -> int:
+    """Give every Conv/Gemm/MatMul its own copy of a weight that another node also reads.
+
+    ONNX Runtime's quantisers rewrite a weight in place (the dynamic one transposes a ``Gemm``
+    weight into int8), so the class-activation ``Einsum`` that reads the same classifier weight
+    for the heatmap would get the rewritten tensor and the graph would not load. Returns how
+    many copies were made.
+    """
+    inits = {init.name: init for init in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            if name in inits:
+                readers[name] = readers.get(name, 0) + 1
+    copies = 0
+    for node in model.graph.node:
+        if node.op_type not in QUANTIZED_OPS:
+            continue
+        for slot, name in enumerate(node.input):
+            if readers.get(name, 0) > 1:
+                copy = onnx.TensorProto()
+                copy.CopyFrom(inits[name])
+                copy.name = f"{name}.{node.op_type.lower()}{copies}"
+                model.graph.initializer.append(copy)
+                node.input[slot] = copy.name
+                readers[name] -= 1
+                copies += 1
+    return copies
 
 
 class _Reader:
@@ -86,11 +127,16 @@ def quantize_graph(
     with tempfile.TemporaryDirectory(prefix="cxr-quant-") as tmp:
         prepped = Path(tmp) / "prepped.onnx"
         # Shape inference and graph fusions first, as ONNX Runtime's docs ask; a graph that the
-        # symbolic shape inference cannot follow is quantised as exported.
+        # shape inference cannot follow is quantised as exported. ONNX's own shape inference
+        # only: the symbolic one declared a wrong heatmap shape (128 for 64) in fold ensembles
+        # that mix CNN and ViT members, and the quantised graph then failed to load.
         try:
-            quant_pre_process(str(src), str(prepped), skip_symbolic_shape=method == "dynamic")
+            quant_pre_process(str(src), str(prepped), skip_symbolic_shape=True)
         except Exception:
             shutil.copyfile(src, prepped)
+        graph = onnx.load(str(prepped))
+        if unshare_weights(graph):
+            onnx.save(graph, str(prepped))
         if method == "dynamic":
             quantize_dynamic(
                 str(prepped),
@@ -110,7 +156,7 @@ def quantize_graph(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
-            op_types_to_quantize=["Conv", "Gemm", "MatMul"],
+            op_types_to_quantize=list(QUANTIZED_OPS),
         )
 
 
