@@ -401,9 +401,10 @@ CV_LIMITATIONS = (
     "imperfect labels. NIH ChestX-ray14 comes from one US hospital; performance on other sites, "
     "scanners, paediatric or lateral images is unknown. The AUROC figures (metrics.validation) "
     "are out-of-fold: each image scored by the fold model that never saw its patient, CI from a "
-    "patient-level bootstrap; the shipped graph averages the {k} fold models, which each saw "
-    "80% of the patients. Thresholds were fitted on those out-of-fold probabilities; their "
-    "sensitivity/specificity are out-of-fold figures of the single fold models. Heatmaps are "
+    "patient-level bootstrap, and the logits of several CV runs (architectures) averaged as "
+    "the graph averages them; the shipped graph averages {members} fold models ({k} per run), "
+    "each of which saw {seen}% of the patients. Thresholds were fitted on those out-of-fold "
+    "probabilities; their sensitivity/specificity are out-of-fold figures. Heatmaps are "
     "per-label class activation maps on an {grid} grid of a 64 px input, min-max scaled per "
     "image: they show where, relative to the rest of the image, the model found evidence for "
     "that finding, not where a finding is."
@@ -514,6 +515,8 @@ def export_cv(
             folds=k,
             members=len(members),
             member_seeds=[o["config"].seed for o in oofs],
+            member_archs=[o["config"].arch for o in oofs],
+            cv_runs=[str(d) for d in dirs],
             ensemble="mean of the fold models' logits and raw class activation maps",
             initialisation="random initialisation (from scratch)",
             parameters=n_params,
@@ -527,7 +530,7 @@ def export_cv(
             name=name or out_dir.name,
             version=version,
             created=datetime.now(timezone.utc),
-            architecture=f"{cfg.arch} x{len(members)} (fold ensemble)",
+            architecture=" + ".join(f"{o['config'].arch} x{k}" for o in oofs) + " (fold ensemble)",
             onnx_sha256=sha256_file(onnx_path),
             labels=labels,
             input=InputSpec(**spec),
@@ -541,7 +544,12 @@ def export_cv(
             intended_use=intended_use or INTENDED_USE,
             limitations=limitations
             or CV_LIMITATIONS.format(
-                n=len(targets), patients=n_patients, k=k, grid="x".join(map(str, grid))
+                n=len(targets),
+                patients=n_patients,
+                k=k,
+                members=len(members),
+                seen=round(100 * (k - 1) / k),
+                grid="x".join(map(str, grid)),
             ),
         )
         out_dir.mkdir(parents=True, exist_ok=True)
