@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi import params as fastapi_params
@@ -56,6 +57,16 @@ def settings_of(app: FastAPI) -> Settings:
     return provider()
 
 
+def streams_for(settings: Settings) -> int:
+    """``CXR_INFERENCE_STREAMS``: 'auto' is one stream per intra-op thread (at most 8); the
+    runtime ignores it on CUDA, where one stream of batches keeps the GPU busy."""
+    if settings.inference_streams != "auto":
+        return settings.inference_streams
+    if settings.providers == "cuda":
+        return 1
+    return max(1, min(8, settings.intra_op_threads))
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load and warm the model, then start the decode pool and the batcher; stop them after.
@@ -71,8 +82,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         providers=settings.providers,
         intra_op_threads=settings.intra_op_threads,
         allow_spinning=settings.ort_spinning,
+        streams=streams_for(settings),
     )
     await asyncio.to_thread(runtime.warm_up, (1, settings.max_batch_size))
+    max_batch = settings.max_batch_size
+    if settings.batch_probe and max_batch > 1:
+        max_batch, _ = await asyncio.to_thread(runtime.probe_batch_size, max_batch)
     app.state.metrics.set_model(runtime.card.name, runtime.card.version)
     pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="cxr-decode")
     # Worker processes for no-heatmap uploads on many-core GPU hosts (CXR_DECODE_PROCESSES).
@@ -84,10 +99,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.decode_processes = processes
     batcher = MicroBatcher(
         runtime.run,
-        max_batch_size=settings.max_batch_size,
+        max_batch_size=max_batch,
         max_batch_delay_ms=settings.max_batch_delay_ms,
         max_queue_size=settings.max_queue_size,
         metrics=app.state.metrics,
+        streams=runtime.streams,
+        concurrent_run=partial(runtime.run, concurrent=True),
     )
     await batcher.start()
     app.state.runtime, app.state.batcher, app.state.decode_pool = runtime, batcher, pool

@@ -28,7 +28,19 @@ class Settings(BaseSettings):
         ge=1,
         description="ONNX Runtime intra-op threads (one per physical core is fastest on CPU)",
     )
+    inference_streams: int | Literal["auto"] = Field(
+        "auto",
+        description="Session runs at once while requests are backed up (CPU only; each gets "
+        "intra_op_threads / streams threads, a lone request still gets them all): 'auto' = one "
+        "per intra-op thread on CPU (up to 8), 1 on CUDA",
+    )
     max_batch_size: int = Field(8, ge=1, description="Images per session run at most")
+    batch_probe: bool = Field(
+        True,
+        description="At start-up, time batches of 1, 2, 4 .. max_batch_size and cap batches at "
+        "the size that scores an image fastest on this host (batching a ViT-B/16 on CPU only "
+        "adds queueing; a GPU or a small CNN gains from it)",
+    )
     max_batch_delay_ms: float = Field(
         2.0, ge=0.0, description="Longest wait to fill a batch (Triton's max_queue_delay)"
     )

@@ -27,6 +27,7 @@ from app.card import ModelCard
 from app.imaging.decode import decode_image
 from app.imaging.heatmap import select_map
 from app.imaging.preprocess import to_model_input
+from app.inference.runtime import choose_batch_size
 from app.main import create_app
 from app.settings import DEFAULT_MODEL_DIR, Settings
 from tests.contract import (
@@ -311,6 +312,11 @@ def test_model_endpoint(client, card, reference, png_1024) -> None:
     assert runtime["heatmap_grid"] == list(reference(png_1024[0].read_bytes())[1].shape[-2:])
     assert runtime["warmed_up"] is True
     assert runtime["intra_op_threads"] == 1
+    # The start-up probe timed batches up to CXR_MAX_BATCH_SIZE; batches are capped at its pick.
+    probe = {int(n): ms for n, ms in runtime["batch_probe_ms_per_image"].items()}
+    assert 1 in probe and max(probe) <= 8
+    assert runtime["max_batch_size"] == choose_batch_size(probe)
+    assert runtime["inference_streams"] == 1  # one intra-op thread: nothing to split
 
 
 def test_openapi_documents_examples_and_problems(client) -> None:
@@ -343,7 +349,10 @@ def test_concurrent_requests_share_session_runs(tiny_model_dir, nih_dir) -> None
     """N concurrent requests are answered by fewer than N session runs, each correctly."""
     # A delay no slow decode outlasts: the batcher waits for admitted images still decoding, so
     # the 12 share runs however busy the machine is (a 250 ms delay made that depend on speed).
-    app = create_app(_settings(tiny_model_dir, max_batch_size=8, max_batch_delay_ms=600_000.0))
+    settings = _settings(
+        tiny_model_dir, max_batch_size=8, max_batch_delay_ms=600_000.0, batch_probe=False
+    )
+    app = create_app(settings)
     paths = sorted((nih_dir / "images" / "nih-256").glob("*.png"))[:12]
     payloads = [p.read_bytes() for p in paths]
     responses = asyncio.run(_concurrent_posts(app, payloads))

@@ -256,3 +256,69 @@ def test_submit_before_start_is_503() -> None:
         assert err.value.status == 503
 
     asyncio.run(main())
+
+
+class Active:
+    """Counts session runs in progress across several run functions, each held at a gate."""
+
+    def __init__(self, runtime: ModelRuntime) -> None:
+        self.runtime = runtime
+        self.lock = threading.Lock()
+        self.now = 0
+        self.most = 0
+
+    def gated(self, gate: threading.Event) -> Recorder:
+        outer = self
+
+        class Counted(Recorder):
+            def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                with outer.lock:
+                    outer.now += 1
+                    outer.most = max(outer.most, outer.now)
+                try:
+                    return super().__call__(batch)
+                finally:
+                    with outer.lock:
+                        outer.now -= 1
+
+        return Counted(self.runtime, gate)
+
+
+def test_streams_run_backed_up_batches_side_by_side_and_a_lone_one_alone(runtime) -> None:
+    """CXR_INFERENCE_STREAMS=2: the first request, finding nothing else, runs on ``run`` (all
+    threads); requests queued behind it run on ``concurrent_run`` beside it, two at most."""
+    active = Active(runtime)
+    release = threading.Event()
+    alone, side = active.gated(release), active.gated(release)
+    batcher = MicroBatcher(alone, concurrent_run=side, streams=2, max_batch_size=1)
+    xs = images(5)
+
+    async def body(b: MicroBatcher) -> list[BatchResult]:
+        first = asyncio.create_task(b.submit(xs[0]))
+        await until(alone.started.is_set, "the lone request's run started")
+        rest = [asyncio.create_task(b.submit(x)) for x in xs[1:]]
+        await until(side.started.is_set, "a queued request ran beside the held one")
+        assert alone.sizes == []  # the lone run is still held: the two overlap
+        release.set()
+        return await asyncio.wait_for(asyncio.gather(first, *rest), HANG_S)
+
+    results = run_with(batcher, body)
+    assert active.most == 2
+    assert alone.sizes[0] == 1 and sum(alone.sizes) + sum(side.sizes) == 5
+    assert len(side.sizes) >= 3  # all but the first (and perhaps the last) were backed up
+    for x, res in zip(xs, results, strict=True):  # type: ignore[call-overload]
+        logits, _ = runtime.run(x[None])
+        np.testing.assert_allclose(res.logits, logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_streams_need_a_concurrent_run() -> None:
+    with pytest.raises(ValueError, match="concurrent_run"):
+        MicroBatcher(lambda b: (b, b), streams=2)
+
+
+def test_the_batch_size_probe_picks_the_smallest_size_near_the_best() -> None:
+    from app.inference.runtime import choose_batch_size
+
+    assert choose_batch_size({1: 300.0, 2: 305.0, 4: 310.0, 8: 340.0}) == 1  # ViT-B/16 on CPU
+    assert choose_batch_size({1: 14.0, 2: 9.0, 4: 7.1, 8: 6.9}) == 4  # a small CNN
+    assert choose_batch_size({1: 9.0, 2: 4.6, 4: 2.3, 8: 1.1}) == 8  # a GPU

@@ -194,7 +194,19 @@ class RuntimeInfo(BaseModel):
     )
     device: Literal["cpu", "cuda"] = Field(examples=["cpu"])
     intra_op_threads: int = Field(examples=[2])
-    max_batch_size: int = Field(examples=[8])
+    max_batch_size: int = Field(
+        description="Largest batch the batcher forms: CXR_MAX_BATCH_SIZE, or less where the "
+        "start-up probe (CXR_BATCH_PROBE) found smaller batches faster per image",
+        examples=[8],
+    )
+    batch_probe_ms_per_image: dict[int, float] | None = Field(
+        None,
+        description="What the start-up probe measured: ms per image by batch size",
+        examples=[{1: 2.1, 2: 1.4, 4: 1.0, 8: 0.8}],
+    )
+    inference_streams: int = Field(
+        1, description="Session runs at once under load (CXR_INFERENCE_STREAMS)", examples=[2]
+    )
     max_batch_delay_ms: float = Field(examples=[2.0])
     max_queue_size: int = Field(examples=[64])
     heatmap_grid: tuple[int, int] | None = Field(examples=[(14, 14)])

@@ -4,8 +4,13 @@ Requests arrive already decoded (in the decode thread pool) as ``[3, H, W]`` flo
 wait on a bounded queue. One batcher task takes the first waiting image, adds whatever else is
 already queued, and waits up to ``max_batch_delay_ms`` for more only while more is known to be on
 its way (requests admitted but still decoding): a request alone goes straight through, and a burst
-still fills a batch. The batch runs in a dedicated single worker thread, so the event loop keeps
-serving uploads while ONNX Runtime computes, and one session never sees concurrent runs.
+still fills a batch. The batch runs in a worker thread, so the event loop keeps serving uploads
+while ONNX Runtime computes.
+
+With ``streams`` > 1 (CPU, ``CXR_INFERENCE_STREAMS``) up to that many batches run at once on
+``concurrent_run`` (a session with fewer threads per run) while work is backed up; a batch that
+finds nothing else running, queued or decoding runs alone on ``run`` with every thread, so a
+single request keeps the lowest latency.
 
 Failure isolation: a request whose client went away (cancelled future) is dropped before the run
 or ignored after it; an exception in a run fails only that batch's requests with a 500 problem,
@@ -88,10 +93,19 @@ class MicroBatcher:
         max_batch_delay_ms: float = 2.0,
         max_queue_size: int = 64,
         metrics: Metrics | None = None,
+        streams: int = 1,
+        concurrent_run: RunFn | None = None,
     ) -> None:
-        if max_batch_size < 1 or max_queue_size < 1 or max_batch_delay_ms < 0:
-            raise ValueError("batch size and queue size must be >= 1, delay >= 0")
+        if max_batch_size < 1 or max_queue_size < 1 or max_batch_delay_ms < 0 or streams < 1:
+            raise ValueError("batch size, queue size and streams must be >= 1, delay >= 0")
+        if streams > 1 and concurrent_run is None:
+            raise ValueError("streams > 1 needs a concurrent_run")
         self._run = run
+        self._concurrent_run = concurrent_run or run
+        self.streams = streams
+        self._free: asyncio.Semaphore | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self._in_flight = 0
         self.max_batch_size = max_batch_size
         self.max_batch_delay_s = max_batch_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
@@ -112,7 +126,10 @@ class MicroBatcher:
         if self._task is not None:
             raise RuntimeError("batcher already started")
         self._queue = asyncio.Queue(maxsize=self.max_queue_size)
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-infer")
+        self._free = asyncio.Semaphore(self.streams)
+        self._executor = ThreadPoolExecutor(
+            max_workers=self.streams, thread_name_prefix="cxr-infer"
+        )
         self._task = asyncio.create_task(self._loop(), name="cxr-batcher")
         self._accepting = True
 
@@ -138,6 +155,10 @@ class MicroBatcher:
         self._task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
+        for task in list(self._running):
+            task.cancel()
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
         while not self._queue.empty():
             item = self._queue.get_nowait()
             if not item.future.done():
@@ -197,10 +218,15 @@ class MicroBatcher:
     # -- batcher side --------------------------------------------------------------------------
 
     async def _loop(self) -> None:
-        assert self._queue is not None
-        queue = self._queue
+        assert self._queue is not None and self._free is not None
+        queue, free = self._queue, self._free
         while True:
-            first = await queue.get()
+            await free.acquire()  # a free stream first, so a batch forms from the latest queue
+            try:
+                first = await queue.get()
+            except asyncio.CancelledError:
+                free.release()
+                raise
             batch = [first]
             first.slot._release()
             deadline = first.enqueued + self.max_batch_delay_s
@@ -220,17 +246,33 @@ class MicroBatcher:
                 item.slot._release()
                 batch.append(item)
             self._set_depth()
-            try:
-                await self._run_batch(batch)
-            finally:
-                self._pending -= len(batch)
+            if self.streams == 1:
+                await self._dispatch(batch, self._run)
+                continue
+            alone = self._in_flight == 0 and queue.empty() and self._incoming == 0
+            task = asyncio.create_task(
+                self._dispatch(batch, self._run if alone else self._concurrent_run)
+            )
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
 
-    def _timed_run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
+    async def _dispatch(self, batch: list[_Item], run: RunFn) -> None:
+        assert self._free is not None
+        self._in_flight += 1
+        try:
+            await self._run_batch(batch, run)
+        finally:
+            self._in_flight -= 1
+            self._pending -= len(batch)
+            self._free.release()
+
+    @staticmethod
+    def _timed_run(run: RunFn, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
         start = time.perf_counter()
-        logits, heatmap = self._run(batch)
+        logits, heatmap = run(batch)
         return logits, heatmap, start, time.perf_counter()
 
-    async def _run_batch(self, batch: list[_Item]) -> None:
+    async def _run_batch(self, batch: list[_Item], run: RunFn) -> None:
         live = [item for item in batch if not item.future.done()]
         if not live:
             return
@@ -240,7 +282,7 @@ class MicroBatcher:
             # A lone image needs no stacking copy: a leading axis is a view.
             pixels = live[0].pixels[None] if n == 1 else np.stack([item.pixels for item in live])
             logits, heatmap, start, end = await loop.run_in_executor(
-                self._executor, self._timed_run, pixels
+                self._executor, self._timed_run, run, pixels
             )
             if len(logits) != n or len(heatmap) != n:
                 raise RuntimeError(f"model returned {len(logits)}/{len(heatmap)} rows for {n}")

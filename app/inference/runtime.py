@@ -194,6 +194,13 @@ def validate_graph(session: ort.InferenceSession, card: ModelCard) -> None:
         raise ModelLoadError("model.onnx does not match model_card.json: " + "; ".join(problems))
 
 
+def choose_batch_size(per_image_ms: dict[int, float], tolerance: float = 0.05) -> int:
+    """The smallest batch size whose time per image is within ``tolerance`` of the best: a
+    smaller batch waits less to fill and finishes sooner for the same throughput."""
+    best = min(per_image_ms.values())
+    return min(n for n, ms in per_image_ms.items() if ms <= (1 + tolerance) * best)
+
+
 @dataclass
 class ModelRuntime:
     """A loaded, validated model: the card, the session and what it runs on."""
@@ -205,6 +212,9 @@ class ModelRuntime:
     intra_op_threads: int
     load_seconds: float
     heatmap_grid: tuple[int, int] | None = None
+    stream_session: ort.InferenceSession | None = None
+    streams: int = 1
+    batch_probe: dict[int, float] | None = None
     warmed_up: bool = False
     run_count: int = 0
     image_count: int = 0
@@ -218,8 +228,14 @@ class ModelRuntime:
         providers: Literal["auto", "cuda", "cpu"] = "auto",
         intra_op_threads: int = 1,
         allow_spinning: bool = True,
+        streams: int = 1,
     ) -> ModelRuntime:
-        """Load and validate ``model_dir``; every failure is a :class:`ModelLoadError`."""
+        """Load and validate ``model_dir``; every failure is a :class:`ModelLoadError`.
+
+        ``streams`` > 1 (CPU only) adds a second session over the same graph with
+        ``intra_op_threads // streams`` threads, for that many concurrent runs under load
+        (see :meth:`run`); on CUDA it is ignored.
+        """
         start = time.perf_counter()
         model_dir = Path(model_dir)
         onnx_path, card_path = check_model_folder(model_dir)
@@ -256,6 +272,13 @@ class ModelRuntime:
         if CUDA in wanted and CUDA not in actual:
             logger.warning("CUDA was requested but failed to initialise; running on CPU")
         validate_graph(session, card)
+        stream_session = None
+        if streams > 1 and CUDA not in actual:
+            stream_session = ort.InferenceSession(
+                str(onnx_path),
+                sess_options=session_options(max(1, intra_op_threads // streams), allow_spinning),
+                providers=actual,
+            )
         runtime = cls(
             model_dir=model_dir,
             card=card,
@@ -263,6 +286,8 @@ class ModelRuntime:
             requested_providers=wanted,
             intra_op_threads=intra_op_threads,
             load_seconds=time.perf_counter() - start,
+            stream_session=stream_session,
+            streams=streams if stream_session is not None else 1,
         )
         logger.info(
             "model %s %s loaded from %s in %.2fs; provider %s (requested %s)",
@@ -292,13 +317,46 @@ class ModelRuntime:
     def input_shape(self) -> tuple[int, int, int]:
         return (3, self.card.input.height, self.card.input.width)
 
-    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One session run: ``[N,3,H,W]`` float32 -> logits ``[N,L]``, heatmap ``[N,(L,)h,w]``."""
-        logits, heatmap = self.session.run([LOGITS_NAME, HEATMAP_NAME], {INPUT_NAME: batch})
+    def run(self, batch: np.ndarray, *, concurrent: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """One session run: ``[N,3,H,W]`` float32 -> logits ``[N,L]``, heatmap ``[N,(L,)h,w]``.
+
+        ``concurrent`` runs on the stream session (fewer threads per run, several runs at once):
+        on CPU, one run's parallel sections leave cores idle at every operator boundary, so two
+        one-thread runs side by side score more images per second than one two-thread run,
+        while a lone request is fastest on all the threads.
+        """
+        session = self.stream_session if concurrent and self.stream_session else self.session
+        logits, heatmap = session.run([LOGITS_NAME, HEATMAP_NAME], {INPUT_NAME: batch})
         with self._count_lock:
             self.run_count += 1
             self.image_count += len(batch)
         return logits, heatmap
+
+    def probe_batch_size(
+        self, max_batch: int, tolerance: float = 0.05
+    ) -> tuple[int, dict[int, float]]:
+        """The batch size (1, 2, 4, .. ``max_batch``) that scores an image in the least time
+        here, on the session that runs batches under load; the smallest within ``tolerance``.
+
+        A GPU, or a small CNN on CPU, scores many images per run for little more than one; a
+        ViT-B/16 on CPU takes as long per image at batch 8 as at batch 1 or longer, and batching
+        then only adds queueing. Returns the choice and the ms per image measured for each size;
+        sizes stop growing once one is clearly slower per image than the best so far.
+        """
+        sizes = sorted({1, max_batch, *(2**k for k in range(1, 8) if 2**k < max_batch)})
+        concurrent = self.stream_session is not None
+        per_image: dict[int, float] = {}
+        for n in sizes:
+            batch = np.zeros((n, *self.input_shape), dtype=np.float32)
+            start = time.perf_counter()
+            self.run(batch, concurrent=concurrent)
+            per_image[n] = round(1000 * (time.perf_counter() - start) / n, 3)
+            if per_image[n] > (1 + 2 * tolerance) * min(per_image.values()):
+                break
+        self.batch_probe = per_image
+        chosen = choose_batch_size(per_image, tolerance)
+        logger.info("batch size probe (ms per image): %s -> batches of up to %d", per_image, chosen)
+        return chosen, per_image
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Run each batch size once (allocations, CUDA kernels) and check the output shapes.
@@ -311,6 +369,8 @@ class ModelRuntime:
             batch_sizes = tuple(range(1, max(batch_sizes) + 1))
         for n in dict.fromkeys(batch_sizes):
             batch = np.zeros((n, *self.input_shape), dtype=np.float32)
+            if self.stream_session is not None:
+                self.run(batch, concurrent=True)
             start = time.perf_counter()
             logits, heatmap = self.run(batch)
             if logits.shape != (n, len(self.card.labels)):
