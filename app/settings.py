@@ -58,9 +58,10 @@ class Settings(BaseSettings):
         "hundredths against the full decode, so off by default)",
     )
     ort_spinning: bool = Field(
-        False,
-        description="Let idle ONNX Runtime intra-op threads busy-wait (faster alone, but they "
-        "take CPU from the decode workers; off by default)",
+        True,
+        description="Let ONNX Runtime's intra-op threads busy-wait between the operators of a "
+        "run (faster runs); they stop when the run ends (session.force_spinning_stop), so they "
+        "do not take the cores from the decode workers between runs",
     )
     max_upload_mb: float = Field(50.0, gt=0, description="Largest upload accepted (413 past it)")
     max_pixels: int = Field(

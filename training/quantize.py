@@ -161,10 +161,10 @@ def quantize_graph(
 
 
 def _session(path: Path, threads: int) -> ort.InferenceSession:
-    # The service's own options (spinning off), so the figures are what it would see.
+    # The service's own options, so the figures are what it would see.
     return ort.InferenceSession(
         str(path),
-        sess_options=session_options(threads, allow_spinning=False),
+        sess_options=session_options(threads),
         providers=["CPUExecutionProvider"],
     )
 
@@ -279,6 +279,9 @@ def quantize_folder(
         f"int8 ({chosen}) quantisation of {info.source}: {info.speedup_batch1:.2f}x faster at "
         f"batch 1 and {info.speedup_batch8:.2f}x at batch 8 on {threads} CPU threads here."
     )
+    if max(info.speedup_batch1, info.speedup_batch8) < 1.0:
+        # Small models spend their time outside the quantised ops (QDQ overhead dominates).
+        summary += " It is slower than float32 here: serve the float32 folder instead."
     if validation is not None:
         temperature = card.calibration.temperature
         p32 = _probabilities(fp32, validation.pixels, threads, temperature)
