@@ -170,6 +170,17 @@ class QuantizationInfo(BaseModel):
     mean_auroc_int8: float | None = None
     mean_auroc_delta: float | None = None
     auroc_delta: dict[str, float] = Field(default_factory=dict, description="label -> int8 - fp32")
+    mean_abs_dprob: float | None = Field(
+        None, description="mean |int8 - fp32| probability over the validation images and labels"
+    )
+    fp32_prob_spread: float | None = Field(
+        None,
+        description="median over labels of the fp32 probabilities' std across images: what "
+        "mean_abs_dprob is small against (a near-constant model makes AUROC changes noise)",
+    )
+    prob_correlation: float | None = Field(
+        None, description="mean over labels of the fp32-int8 probability correlation"
+    )
     command: str | None = None
 
 

@@ -62,6 +62,8 @@ def test_static_int8_folder_is_int8_and_its_card_says_what_it_cost(int8_default:
     assert q.batch1_ms_fp32 > 0 and q.batch1_ms_int8 > 0
     assert q.mean_auroc_fp32 is not None and q.mean_auroc_int8 is not None
     assert q.mean_auroc_delta == pytest.approx(q.mean_auroc_int8 - q.mean_auroc_fp32, abs=2e-4)
+    assert 0 <= q.mean_abs_dprob <= card.export.max_abs_dprob and q.fp32_prob_spread > 0
+    assert -1.0 <= q.prob_correlation <= 1.0
     assert set(card.export.decisions_changed) == {"screening", "diagnosis"}
     assert card.export.decisions_total == 2 * 48 * len(card.labels)
     assert "int8 (static) quantisation" in card.limitations

@@ -7,7 +7,8 @@ service loads it like any other folder. Two methods (``auto`` picks by the graph
 - ``dynamic`` (transformers: most of the time is MatMul against weights): weights to int8 once,
   activations quantised per run (``quantize_dynamic``). Only MatMuls whose second input is a
   weight are quantised (``MatMulConstBOnly``), so the attention products and the in-graph
-  attention rollout that draws the heatmap stay float32.
+  attention rollout that draws the heatmap stay float32; weights per output channel (a trained
+  ViT-B/16: 2.47x at batch 1 against 2.09x per tensor, same fidelity).
 - ``static`` (CNNs: most of the time is Conv): QDQ int8 with activation ranges calibrated on real
   images (``quantize_static``, per-channel weights), because ONNX Runtime's dynamic ``Conv``
   (ConvInteger) has no fast CPU kernel.
@@ -142,6 +143,7 @@ def quantize_graph(
                 str(prepped),
                 str(dst),
                 weight_type=QuantType.QInt8,
+                per_channel=True,
                 extra_options={"MatMulConstBOnly": True},
             )
             return
@@ -293,12 +295,21 @@ def quantize_folder(
             changed[kind] = int(((p32 >= thr) != (p8 >= thr)).sum())
         export.parity_images = len(p32)
         export.max_abs_dprob = float(np.abs(p32 - p8).max())
+        info.mean_abs_dprob = round(float(np.abs(p32 - p8).mean()), 5)
+        info.fp32_prob_spread = round(float(np.median(p32.std(axis=0))), 5)
+        varied = [j for j in range(p32.shape[1]) if p32[:, j].std() > 0 and p8[:, j].std() > 0]
+        if varied and len(p32) > 2:
+            info.prob_correlation = round(
+                float(np.mean([np.corrcoef(p32[:, j], p8[:, j])[0, 1] for j in varied])), 4
+            )
         export.decisions_total = 2 * p32.size
         export.decisions_changed = changed
         flips = (
             f"threshold decisions changed: screening {changed['screening']}, diagnosis "
             f"{changed['diagnosis']} of {p32.size} each (thresholds are the fp32 model's); "
-            f"max |dprob| {export.max_abs_dprob:.3g}."
+            f"|dprob| mean {info.mean_abs_dprob:.3g}, max {export.max_abs_dprob:.3g}, against an "
+            f"fp32 spread across images of {info.fp32_prob_spread:.3g} (per-label correlation "
+            f"{info.prob_correlation})."
         )
     if validation is not None and validation.targets is not None:
         a32 = _aurocs(validation.targets, p32, card.labels)
