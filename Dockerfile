@@ -71,7 +71,8 @@ ENV PATH=/opt/venv/bin:${PATH} \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 WORKDIR /var/lib/cxr-triage
 USER 10001:10001
-EXPOSE 8000
+# 8000: HTTP; 11112: the DICOM C-STORE SCP (CXR_DICOM_PORT), when CXR_PACS_ENABLED
+EXPOSE 8000 11112
 # Ready means the model is loaded and warmed up; no curl in the image, so Python asks.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=90s --retries=3 \
     CMD ["python3", "-c", "import os, sys, urllib.request as r; sys.exit(r.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('PORT', '8000'), timeout=4).status != 200)"]

@@ -359,7 +359,7 @@ def test_dockerfile_is_multi_stage_non_root_with_healthcheck() -> None:
     runtime = instructions[[op for op, _ in instructions].index("FROM", 2) :]
     ops = dict(runtime)
     assert ops["USER"] == "10001:10001"
-    assert ops["EXPOSE"] == "8000"
+    assert ops["EXPOSE"] == "8000 11112"  # HTTP and the DICOM listener (CXR_DICOM_PORT)
     assert "/readyz" in ops["HEALTHCHECK"]
     assert "torch" not in (REPO / "Dockerfile").read_text().replace("no torch", "")
     envs = " ".join(arg for op, arg in runtime if op == "ENV")
