@@ -20,7 +20,6 @@ import asyncio
 import csv
 import json
 import logging
-import os
 import queue
 import re
 import sqlite3
@@ -36,6 +35,7 @@ from typing import Any, TextIO
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.ops.logs import current_request_id, new_request_id
+from app.ops.sqlite import open_state_db
 
 logger = logging.getLogger(__name__)
 
@@ -184,17 +184,7 @@ class AuditLog:
         if not self.enabled or (self._thread is not None and self._thread.is_alive()):
             return
         assert self.path is not None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            # UIDs can be linked to patients in the PACS: only the service user may read them.
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=5000")
-        conn.executescript(_SCHEMA)
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        self._conn = conn
+        self._conn = open_state_db(self.path, _SCHEMA, SCHEMA_VERSION)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -44,6 +43,7 @@ from pydicom import dcmread
 
 from app.ops.audit import AuditEntry, AuditLog, utc_now
 from app.ops.logs import new_request_id
+from app.ops.sqlite import open_state_db
 from app.pacs.model import Destination, ResultObject
 from app.pacs.send import Sender, SendOutcome, sender_for
 
@@ -394,16 +394,7 @@ class Outbox:
     def _connection(self) -> sqlite3.Connection:
         """The database, opened (and created, mode 0600) on first use; call with the lock."""
         if self._conn is None:
-            self.db_path.parent.mkdir(parents=True, exist_ok=True)
-            if not self.db_path.exists():
-                os.close(os.open(self.db_path, os.O_CREAT | os.O_WRONLY, 0o600))
-            conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA busy_timeout=5000")
-            conn.executescript(_SCHEMA)
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            self._conn = conn
+            self._conn = open_state_db(self.db_path, _SCHEMA, SCHEMA_VERSION)
         return self._conn
 
     def _resume(self) -> None:

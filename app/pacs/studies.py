@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -35,6 +34,7 @@ from typing import Any, Protocol
 from app.api.schemas import Finding, Triage
 from app.ops.audit import AuditEntry, AuditLog, utc_now
 from app.ops.logs import new_request_id
+from app.ops.sqlite import open_state_db
 from app.pacs.model import (
     Explained,
     InstanceOutcome,
@@ -172,17 +172,7 @@ class StudyDB:
         self._lock = threading.RLock()
 
     def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if not self.path.exists():
-            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
-        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=5000")
-        conn.executescript(_SCHEMA)
-        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        self._conn = conn
+        self._conn = open_state_db(self.path, _SCHEMA, SCHEMA_VERSION, rows=True)
 
     def close(self) -> None:
         with self._lock:
