@@ -133,8 +133,8 @@ def session_options(intra_op_threads: int, allow_spinning: bool = True) -> ort.S
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     else:
         # Spin between the operators of a run, but not after it: ORT's threads otherwise keep
-        # spinning once the run is over, on the cores the decode workers need (measured: ~60 ms
-        # of CPU in the 300 ms after a ViT-B/16 run without this, none with it).
+        # spinning once the run is over, on the cores the decode workers need (60 ms of CPU in
+        # the 300 ms after a ViT-B/16 run without this, none with it: ort_threads_bench.py).
         opts.add_session_config_entry("session.force_spinning_stop", "1")
     opts.intra_op_num_threads = intra_op_threads
     opts.inter_op_num_threads = 1
@@ -325,10 +325,9 @@ class ModelRuntime:
     def run(self, batch: np.ndarray, *, concurrent: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """One session run: ``[N,3,H,W]`` float32 -> logits ``[N,L]``, heatmap ``[N,(L,)h,w]``.
 
-        ``concurrent`` runs on the stream session (fewer threads per run, several runs at once):
-        on CPU, one run's parallel sections leave cores idle at every operator boundary, so two
-        one-thread runs side by side score more images per second than one two-thread run,
-        while a lone request is fastest on all the threads.
+        ``concurrent`` runs on the stream session (fewer threads per run, several runs at once
+        under load; a lone request is fastest on all the threads). In the service at c=8 it
+        scored 3.14 against 2.90 img/s with one stream (docs/serving.md, Batching).
         """
         session = self.stream_session if concurrent and self.stream_session else self.session
         logits, heatmap = session.run([LOGITS_NAME, HEATMAP_NAME], {INPUT_NAME: batch})
