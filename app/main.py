@@ -62,8 +62,6 @@ def streams_for(settings: Settings) -> int:
     runtime ignores it on CUDA, where one stream of batches keeps the GPU busy."""
     if settings.inference_streams != "auto":
         return settings.inference_streams
-    if settings.providers == "cuda":
-        return 1
     return max(1, min(8, settings.intra_op_threads))
 
 
@@ -87,7 +85,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     await asyncio.to_thread(runtime.warm_up, (1, settings.max_batch_size))
     max_batch = settings.max_batch_size
     if settings.batch_probe and max_batch > 1:
-        max_batch, _ = await asyncio.to_thread(runtime.probe_batch_size, max_batch)
+        max_batch = await asyncio.to_thread(runtime.probe_batch_size, max_batch)
     app.state.metrics.set_model(runtime.card.name, runtime.card.version)
     pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="cxr-decode")
     # Worker processes for no-heatmap uploads on many-core GPU hosts (CXR_DECODE_PROCESSES).

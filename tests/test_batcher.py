@@ -127,14 +127,15 @@ def test_waits_for_requests_still_decoding(runtime) -> None:
     async def body(bt: MicroBatcher) -> tuple[BatchResult, BatchResult]:
         with bt.admit() as first, bt.admit() as second:
             t1 = asyncio.create_task(first.submit(a))
-            await asyncio.sleep(0.05)  # the second one is "decoding" (50 ms of the scenario)
+            # The batcher has taken the first image and is waiting while the second "decodes".
+            await until(lambda: bt._pending == 1 and bt.depth == 0, "the first image taken")
             t2 = asyncio.create_task(second.submit(b))
             return await asyncio.wait_for(t1, HANG_S), await asyncio.wait_for(t2, HANG_S)
 
     r1, r2 = run_with(batcher, body)  # type: ignore[misc]
     assert rec.sizes == [2]
     assert r1.batch_size == r2.batch_size == 2
-    assert r1.queue_ms >= 40
+    assert r1.queue_ms > r2.queue_ms  # the first waited for the second, not the other way
 
 
 def test_full_backlog_is_503_with_retry_after(runtime) -> None:

@@ -60,14 +60,13 @@ async def model_info(request: Request, settings: Settings = Depends(get_settings
     runtime: ModelRuntime | None = request.app.state.runtime
     if runtime is None:
         raise NotAccepting("The model is not loaded yet.")
-    batcher = getattr(request.app.state, "batcher", None)
     info = RuntimeInfo(
         providers=runtime.providers,
         requested_providers=runtime.requested_providers,
         available_providers=ort.get_available_providers(),
         device=runtime.device,
         intra_op_threads=runtime.intra_op_threads,
-        max_batch_size=batcher.max_batch_size if batcher is not None else settings.max_batch_size,
+        max_batch_size=request.app.state.batcher.max_batch_size,  # set with the runtime
         batch_probe_ms_per_image=runtime.batch_probe,
         inference_streams=runtime.streams,
         max_batch_delay_ms=settings.max_batch_delay_ms,

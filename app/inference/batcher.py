@@ -104,8 +104,7 @@ class MicroBatcher:
         self._concurrent_run = concurrent_run or run
         self.streams = streams
         self._free: asyncio.Semaphore | None = None
-        self._running: set[asyncio.Task[None]] = set()
-        self._in_flight = 0
+        self._running: set[asyncio.Task[None]] = set()  # batches dispatched and not finished
         self.max_batch_size = max_batch_size
         self.max_batch_delay_s = max_batch_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
@@ -246,23 +245,20 @@ class MicroBatcher:
                 item.slot._release()
                 batch.append(item)
             self._set_depth()
-            if self.streams == 1:
-                await self._dispatch(batch, self._run)
-                continue
-            alone = self._in_flight == 0 and queue.empty() and self._incoming == 0
-            task = asyncio.create_task(
-                self._dispatch(batch, self._run if alone else self._concurrent_run)
-            )
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            # With one stream the semaphore makes this one batch at a time, and run is the only
+            # run function; with more, only a batch with nothing beside it gets every thread.
+            alone = not self._running and queue.empty() and self._incoming == 0
+            run = self._run if alone else self._concurrent_run
+            self._running.add(asyncio.create_task(self._dispatch(batch, run)))
 
     async def _dispatch(self, batch: list[_Item], run: RunFn) -> None:
+        """Run one batch, then free its stream (removed from ``_running`` before the next
+        batch can be judged alone, not in a later done-callback)."""
         assert self._free is not None
-        self._in_flight += 1
         try:
             await self._run_batch(batch, run)
         finally:
-            self._in_flight -= 1
+            self._running.discard(asyncio.current_task())  # type: ignore[arg-type]
             self._pending -= len(batch)
             self._free.release()
 

@@ -336,16 +336,15 @@ class ModelRuntime:
             self.image_count += len(batch)
         return logits, heatmap
 
-    def probe_batch_size(
-        self, max_batch: int, tolerance: float = 0.05
-    ) -> tuple[int, dict[int, float]]:
+    def probe_batch_size(self, max_batch: int, tolerance: float = 0.05) -> int:
         """The batch size (1, 2, 4, .. ``max_batch``) that scores an image in the least time
         here, on the session that runs batches under load; the smallest within ``tolerance``.
 
         A GPU, or a small CNN on CPU, scores many images per run for little more than one; a
         ViT-B/16 on CPU takes as long per image at batch 8 as at batch 1 or longer, and batching
-        then only adds queueing. Returns the choice and the ms per image measured for each size;
-        sizes stop growing once one is clearly slower per image than the best so far.
+        then only adds queueing. Returns the choice; the ms per image measured for each size stay
+        in ``batch_probe``. Sizes stop growing once one is clearly slower per image than the best
+        so far.
         """
         sizes = sorted({1, max_batch, *(2**k for k in range(1, 8) if 2**k < max_batch)})
         concurrent = self.stream_session is not None
@@ -360,7 +359,7 @@ class ModelRuntime:
         self.batch_probe = per_image
         chosen = choose_batch_size(per_image, tolerance)
         logger.info("batch size probe (ms per image): %s -> batches of up to %d", per_image, chosen)
-        return chosen, per_image
+        return chosen
 
     def warm_up(self, batch_sizes: tuple[int, ...] = (1,)) -> None:
         """Run each batch size once (allocations, CUDA kernels) and check the output shapes.
