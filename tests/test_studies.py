@@ -35,6 +35,10 @@ from tests.pacs_in_fixtures import (
 from tests.pacs_out_fixtures import FakePacs
 
 RULES = "Pneumothorax:diagnosis=STAT,*:diagnosis=HIGH"
+# The study path and POST /predict may score an image in different batches, or one on the
+# all-thread session and the other on the one-thread stream session: float32 sums then run in
+# another order and differ by ~1e-7 (CI saw 3e-8). Equal up to float32 rounding is what we mean.
+FLOAT32_ATOL = 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +109,7 @@ def test_pa_and_lateral(app: PacsApp, fake_pacs: FakePacs, pngs: list[Path]) -> 
     single = predicted(app, pa)
     assert [f["label"] for f in body["findings"]] == [f["label"] for f in single]
     for got, want in zip(body["findings"], single, strict=True):
-        assert got["probability"] == pytest.approx(want["probability"], abs=1e-9)
+        assert got["probability"] == pytest.approx(want["probability"], abs=FLOAT32_ATOL)
         assert got["screening_positive"] is want["screening_positive"]
         assert got["diagnosis_positive"] is want["diagnosis_positive"]
     assert body["priority"] == expected_priority(single)
@@ -131,7 +135,10 @@ def test_study_finding_is_the_maximum_over_frontal_images(app: PacsApp, pngs: li
     )
     assert not np.allclose(per_image[0], per_image[1])  # two different radiographs
     np.testing.assert_allclose(
-        [f["probability"] for f in body["findings"]], per_image.max(axis=0), atol=1e-9
+        [f["probability"] for f in body["findings"]],
+        per_image.max(axis=0),
+        atol=FLOAT32_ATOL,
+        rtol=0,
     )
 
 
@@ -184,7 +191,10 @@ def test_late_frontal_image_retriages_and_supersedes(
     assert statuses(second) == {pa.SOPInstanceUID: "scored", ap.SOPInstanceUID: "scored"}
     per_image = np.array([[f["probability"] for f in predicted(app, ds)] for ds in (pa, ap)])
     np.testing.assert_allclose(
-        [f["probability"] for f in second["findings"]], per_image.max(axis=0), atol=1e-9
+        [f["probability"] for f in second["findings"]],
+        per_image.max(axis=0),
+        atol=FLOAT32_ATOL,
+        rtol=0,
     )
     old = {r["sop_instance_uid"] for r in first["results"]}
     new = [r for r in second["results"] if r["sop_instance_uid"] not in old]
@@ -269,7 +279,9 @@ def test_same_instance_with_new_pixels_is_triaged_again(app: PacsApp, pngs: list
     body = app.wait_study(first.StudyInstanceUID, delivered(4), what="revision 2")
     assert statuses(body) == {first.SOPInstanceUID: "scored"}
     want = [f["probability"] for f in predicted(app, corrected)]
-    np.testing.assert_allclose([f["probability"] for f in body["findings"]], want, atol=1e-9)
+    np.testing.assert_allclose(
+        [f["probability"] for f in body["findings"]], want, atol=FLOAT32_ATOL, rtol=0
+    )
 
 
 def test_our_own_results_coming_back_are_ignored(
