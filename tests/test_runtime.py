@@ -120,3 +120,29 @@ def test_garbage_onnx_is_a_load_error(tmp_path: Path) -> None:
     card.save(folder / "model_card.json")
     with pytest.raises(ModelLoadError, match="ONNX Runtime cannot load"):
         ModelRuntime.load(folder)
+
+
+def test_a_stream_session_that_cannot_load_leaves_one_stream(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The second (stream) session is a second copy of the weights; when it cannot be made (out of
+    # memory on a big model) the service runs one stream instead of refusing to start. The fault
+    # is injected into the second construction only: the first session is ONNX Runtime's own.
+    real = ort.InferenceSession
+    made: list[object] = []
+
+    def second_fails(*args: object, **kwargs: object) -> ort.InferenceSession:
+        if made:
+            raise RuntimeError("Failed to allocate memory for requested buffer")
+        made.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", second_fails)
+    runtime = ModelRuntime.load(tiny_model_dir, providers="cpu", intra_op_threads=2, streams=2)
+    assert runtime.stream_session is None and runtime.streams == 1
+    assert "one inference stream" in caplog.text and "allocate memory" in caplog.text
+    logits, _ = runtime.run(np.zeros((1, 3, 48, 64), np.float32), concurrent=True)
+    assert logits.shape == (1, 15)
+    monkeypatch.undo()
+    both = ModelRuntime.load(tiny_model_dir, providers="cpu", intra_op_threads=2, streams=2)
+    assert both.stream_session is not None and both.streams == 2

@@ -199,6 +199,24 @@ def validate_graph(session: ort.InferenceSession, card: ModelCard) -> None:
         raise ModelLoadError("model.onnx does not match model_card.json: " + "; ".join(problems))
 
 
+def _stream_session(
+    onnx_path: Path, threads: int, allow_spinning: bool, providers: list[str]
+) -> ort.InferenceSession | None:
+    """The second session that concurrent batches run on, or None (one stream) if it cannot be
+    made: the first session already loaded the same file, so this fails only for want of memory
+    for a second copy of the weights, and the service is better served by one stream than by
+    refusing to start."""
+    try:
+        return ort.InferenceSession(
+            str(onnx_path),
+            sess_options=session_options(threads, allow_spinning),
+            providers=providers,
+        )
+    except Exception as exc:
+        logger.warning("running one inference stream: the stream session failed to load: %s", exc)
+        return None
+
+
 def choose_batch_size(per_image_ms: dict[int, float], tolerance: float = 0.05) -> int:
     """The smallest batch size whose time per image is within ``tolerance`` of the best: a
     smaller batch waits less to fill and finishes sooner for the same throughput."""
@@ -279,10 +297,8 @@ class ModelRuntime:
         validate_graph(session, card)
         stream_session = None
         if streams > 1 and CUDA not in actual:
-            stream_session = ort.InferenceSession(
-                str(onnx_path),
-                sess_options=session_options(max(1, intra_op_threads // streams), allow_spinning),
-                providers=actual,
+            stream_session = _stream_session(
+                onnx_path, max(1, intra_op_threads // streams), allow_spinning, actual
             )
         runtime = cls(
             model_dir=model_dir,
